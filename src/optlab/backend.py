@@ -1,0 +1,51 @@
+"""Choose and configure the Keras backend before Keras is imported.
+
+Keras reads ``KERAS_BACKEND`` once, at import, so stages call :func:`configure` right after
+loading params and before importing anything that imports Keras.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from optlab.errors import OptlabError
+
+THREADS_ENV = "OPTLAB_THREADS"  # cap on CPU threads per training process (0 or unset: all cores)
+
+
+def threads() -> int:
+    raw = os.environ.get(THREADS_ENV, "0")
+    try:
+        n = int(raw)
+    except ValueError:
+        raise OptlabError(f"{THREADS_ENV}={raw!r} is not a number; set it to a thread count such as 1") from None
+    if n < 0:
+        raise OptlabError(f"{THREADS_ENV}={n} must be 0 (all cores) or a positive thread count")
+    return n
+
+
+def configure(backend: str) -> None:
+    """Select ``backend`` for Keras and cap its CPU threads to ``OPTLAB_THREADS`` if set.
+
+    Two queued experiments on a 2-core machine each run with OPTLAB_THREADS=1, so they share
+    the cores instead of fighting over them.
+    """
+    if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", backend) != backend:
+        raise OptlabError(
+            f"Keras is already imported with backend {os.environ.get('KERAS_BACKEND')!r}; "
+            f"cannot switch to {backend!r} in the same process"
+        )
+    os.environ["KERAS_BACKEND"] = backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    n = threads()
+    if backend == "jax":
+        # XLA:CPU runs one thread pool; pin it to n threads.
+        flags = os.environ.get("XLA_FLAGS", "")
+        if n and "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
+        # JAX grabs no GPU memory up front when a GPU is present (other processes may share it).
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    elif backend == "tensorflow" and n:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
+        os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
