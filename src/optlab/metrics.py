@@ -1,0 +1,147 @@
+"""Metrics from predictions, as plain dicts and arrays.
+
+Everything here takes integer labels and predicted probabilities (one row per sample, one
+column per class) and returns plain Python numbers, so the results go straight into JSON and
+``dvc metrics diff``. No Keras import: the plot stage and the tests use this module without
+paying for a deep-learning framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+from optlab.errors import OptlabError
+
+# Softmax outputs in float32 sum to 1 only up to rounding; anything further off is not a
+# probability distribution (e.g. a model that ends in logits).
+_SUM_TOLERANCE = 1e-3
+
+
+def check_probabilities(probs: np.ndarray, n_classes: int) -> np.ndarray:
+    """Return ``probs`` as float64 rows that sum to exactly 1, or raise if they are not
+    probabilities over ``n_classes`` classes."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape[1] != n_classes:
+        raise OptlabError(f"expected predictions of shape (N, {n_classes}), got {probs.shape}")
+    sums = probs.sum(axis=1)
+    if not np.all(np.isfinite(probs)) or probs.min(initial=0.0) < 0 or np.any(abs(sums - 1) > _SUM_TOLERANCE):
+        raise OptlabError(
+            "the model's outputs are not probabilities (rows must be >= 0 and sum to 1); "
+            "the model must end in a softmax layer"
+        )
+    return probs / sums[:, None]
+
+
+def check_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
+    y_true = np.asarray(y_true)
+    if y_true.ndim != 1 or not np.issubdtype(y_true.dtype, np.integer):
+        raise OptlabError(f"expected integer labels of shape (N,), got {y_true.dtype} {y_true.shape}")
+    if y_true.size and (y_true.min() < 0 or y_true.max() >= n_classes):
+        raise OptlabError(f"labels must lie in [0, {n_classes}); got {y_true.min()}..{y_true.max()}")
+    return y_true
+
+
+def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    return float(skm.accuracy_score(y_true, np.argmax(probs, axis=1)))
+
+
+def cross_entropy(y_true: np.ndarray, probs: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true class, in nats (Keras's categorical loss)."""
+    return float(skm.log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
+
+
+def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[float, int]:
+    """Fraction of samples whose true class is among the ``k`` most probable; returns the
+    score and the k actually used (at most the number of classes)."""
+    n_classes = probs.shape[1]
+    k = min(k, n_classes)
+    if k == n_classes:
+        return 1.0, k  # every class is in the top n: sklearn would warn and say the same
+    # sklearn reads a 2-class problem as binary and wants only the positive class's score.
+    scores = probs[:, 1] if n_classes == 2 else probs
+    return float(skm.top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(n_classes))), k
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts: row = actual class, column = predicted class."""
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+
+
+def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of every class, keyed by class name.
+
+    A class that is never predicted (or absent from ``y_true``) scores 0 rather than NaN,
+    which JSON cannot hold.
+    """
+    report = skm.classification_report(
+        y_true,
+        y_pred,
+        labels=np.arange(len(class_names)),
+        target_names=list(class_names),
+        output_dict=True,
+        zero_division=0,
+    )
+    return {
+        name: {
+            "precision": float(report[name]["precision"]),
+            "recall": float(report[name]["recall"]),
+            "f1": float(report[name]["f1-score"]),
+            "support": int(report[name]["support"]),
+        }
+        for name in class_names
+    }
+
+
+def f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, average: str) -> float:
+    """F1 averaged over all ``n_classes`` (``"macro"``: every class counts the same;
+    ``"weighted"``: by support), with the same zero-for-undefined rule as :func:`per_class`."""
+    return float(skm.f1_score(y_true, y_pred, labels=np.arange(n_classes), average=average, zero_division=0))
+
+
+def most_confused(cm: np.ndarray, class_names: Sequence[str], n: int = 10) -> list[dict[str, object]]:
+    """The ``n`` largest off-diagonal cells: which actual class is most often predicted as
+    which other one. ``rate`` is the share of the actual class's samples lost to that mistake."""
+    off = np.array(cm, dtype=np.int64)
+    np.fill_diagonal(off, 0)
+    actual, predicted = np.nonzero(off)
+    counts = off[actual, predicted]
+    # Largest count first; ties in (actual, predicted) order so the list is deterministic.
+    order = np.lexsort((predicted, actual, -counts))[:n]
+    support = np.asarray(cm).sum(axis=1)
+    return [
+        {
+            "actual": class_names[actual[i]],
+            "predicted": class_names[predicted[i]],
+            "count": int(counts[i]),
+            "rate": float(counts[i] / support[actual[i]]),
+        }
+        for i in order
+    ]
+
+
+def evaluate(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], top_k: int) -> dict[str, object]:
+    """The test-set summary the evaluate stage writes: flat numbers plus ``per_class``."""
+    n_classes = len(class_names)
+    y_true = check_labels(y_true, n_classes)
+    probs = check_probabilities(probs, n_classes)
+    y_pred = np.argmax(probs, axis=1)
+    top_k_score, k = top_k_accuracy(y_true, probs, top_k)
+    return {
+        "accuracy": accuracy(y_true, probs),
+        "loss": cross_entropy(y_true, probs),
+        "top_k_accuracy": top_k_score,
+        "top_k": k,
+        "f1_macro": f1(y_true, y_pred, n_classes, "macro"),
+        "f1_weighted": f1(y_true, y_pred, n_classes, "weighted"),
+        "per_class": per_class(y_true, y_pred, class_names),
+    }
+
+
+def confusion_rows(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str]) -> dict[str, list[str]]:
+    """One (actual, predicted) pair of class names per sample: the table DVC's ``confusion``
+    plot template counts."""
+    names = np.asarray(class_names, dtype=object)
+    return {"actual": list(names[y_true]), "predicted": list(names[np.argmax(probs, axis=1)])}

@@ -1,0 +1,214 @@
+"""optlab.metrics on predictions whose right numbers are known by hand, and the evaluate stage
+end to end on a tiny real Keras model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from sklearn import metrics as skm
+
+from optlab import metrics
+from optlab.errors import OptlabError
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["cat", "dog", "frog"]
+
+# Seven samples, three classes. Predicted (argmax): 0, 1, 1, 1, 2, 2, 2.
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2, 2], dtype=np.int32)
+PROBS = np.array(
+    [
+        [0.6, 0.3, 0.1],  # right
+        [0.3, 0.6, 0.1],  # cat taken for dog; cat is 2nd, so top-2 right
+        [0.1, 0.7, 0.2],  # cat taken for dog; cat is 3rd, so top-2 wrong
+        [0.2, 0.7, 0.1],  # right
+        [0.1, 0.3, 0.6],  # dog taken for frog; dog is 2nd
+        [0.1, 0.1, 0.8],  # right
+        [0.2, 0.3, 0.5],  # right
+    ],
+    dtype=np.float32,
+)
+
+
+# --- by hand ---------------------------------------------------------------------------------
+def test_hand_computed_summary():
+    got = metrics.evaluate(Y_TRUE, PROBS, CLASSES, top_k=2)
+    # Per class: cat P=1/1 R=1/3 F1=0.5; dog P=1/3 R=1/2 F1=0.4; frog P=2/3 R=2/2 F1=0.8.
+    assert got["accuracy"] == pytest.approx(4 / 7)
+    assert got["top_k_accuracy"] == pytest.approx(6 / 7)
+    assert got["top_k"] == 2
+    assert got["f1_macro"] == pytest.approx((0.5 + 0.4 + 0.8) / 3)
+    assert got["f1_weighted"] == pytest.approx((3 * 0.5 + 2 * 0.4 + 2 * 0.8) / 7)
+    nll = -sum(math.log(p) for p in (0.6, 0.3, 0.1, 0.7, 0.3, 0.8, 0.5)) / 7
+    assert got["loss"] == pytest.approx(nll, rel=1e-6)
+    assert got["per_class"]["cat"] == pytest.approx({"precision": 1.0, "recall": 1 / 3, "f1": 0.5, "support": 3})
+    assert got["per_class"]["dog"] == pytest.approx({"precision": 1 / 3, "recall": 0.5, "f1": 0.4, "support": 2})
+    assert got["per_class"]["frog"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+
+
+def test_summary_is_plain_json():
+    got = metrics.evaluate(Y_TRUE, PROBS, CLASSES, top_k=2)
+    assert json.loads(json.dumps(got)) == got
+    flat = {k: v for k, v in got.items() if k != "per_class"}
+    assert all(type(v) in (float, int) for v in flat.values())
+
+
+def test_confusion_matrix_and_most_confused_pair():
+    cm = metrics.confusion(Y_TRUE, PROBS.argmax(axis=1), 3)
+    np.testing.assert_array_equal(cm, [[1, 2, 0], [0, 1, 1], [0, 0, 2]])
+    pairs = metrics.most_confused(cm, CLASSES)
+    assert pairs == [
+        {"actual": "cat", "predicted": "dog", "count": 2, "rate": pytest.approx(2 / 3)},
+        {"actual": "dog", "predicted": "frog", "count": 1, "rate": pytest.approx(1 / 2)},
+    ]
+    assert metrics.most_confused(np.eye(3, dtype=int), CLASSES) == []
+
+
+def test_confusion_rows_name_each_sample():
+    rows = metrics.confusion_rows(Y_TRUE, PROBS, CLASSES)
+    assert rows["actual"] == ["cat", "cat", "cat", "dog", "dog", "frog", "frog"]
+    assert rows["predicted"] == ["cat", "dog", "dog", "dog", "frog", "frog", "frog"]
+
+
+def test_top_k_at_or_above_the_class_count_is_perfect():
+    assert metrics.top_k_accuracy(Y_TRUE, PROBS.astype(float), 5) == (1.0, 3)
+
+
+def test_two_classes():
+    y = np.array([0, 1, 1, 0])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    got = metrics.evaluate(y, probs, ["no", "yes"], top_k=1)
+    assert got["accuracy"] == got["top_k_accuracy"] == 0.5
+
+
+def test_a_class_never_predicted_or_seen_scores_zero_not_nan():
+    got = metrics.evaluate(np.array([0, 1]), np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1]]), CLASSES, top_k=1)
+    assert got["per_class"]["frog"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+def test_logits_are_refused():
+    with pytest.raises(OptlabError, match="not probabilities"):
+        metrics.evaluate(Y_TRUE, np.log(PROBS) * 3, CLASSES, top_k=2)
+
+
+def test_labels_out_of_range_are_refused():
+    with pytest.raises(OptlabError, match=r"\[0, 3\)"):
+        metrics.evaluate(Y_TRUE + 1, PROBS, CLASSES, top_k=2)
+
+
+# --- the evaluate stage, end to end ----------------------------------------------------------
+N_FEATURES = 6
+OUTPUTS = ("metrics/test.json", "metrics/confusion.csv", "data/predictions.npy")
+EXPECTED_KEYS = {
+    "accuracy", "loss", "top_k_accuracy", "top_k", "f1_macro", "f1_weighted",
+    "train_accuracy", "val_accuracy", "generalization_gap", "per_class",
+}
+
+
+def _keras():
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    return keras
+
+
+def _write_prepared(root: Path, n_features: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    splits = {}
+    for split, n in (("train", 60), ("val", 20), ("test", 30)):
+        y = np.arange(n, dtype=np.int32) % len(CLASSES)
+        x = (rng.normal(size=(n, n_features)) + y[:, None]).astype(np.float32)
+        np.save(prepared / f"x_{split}.npy", x)
+        np.save(prepared / f"y_{split}.npy", y)
+        splits[split] = (x, y)
+    meta = {"dataset": "digits", "classes": CLASSES, "image_shape": [2, 3, 1], "scale": "zero_one", "flatten": True}
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    return splits
+
+
+def _write_model(root: Path, n_inputs: int):
+    keras = _keras()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((n_inputs,)), keras.layers.Dense(len(CLASSES), activation="softmax")])
+    (root / "models").mkdir()
+    model.save(root / "models" / "model.keras")
+    return model
+
+
+def _write_params(root: Path) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["top_k"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def _run_evaluate(root: Path) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, str(REPO / "stages" / "evaluate.py"), "--params", "params.yaml", "--data", "data/prepared",
+        "--model", "models/model.keras", "--metrics", "metrics/test.json",
+        "--confusion", "metrics/confusion.csv", "--predictions", "data/predictions.npy",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the stage picks it from params
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_stage_writes_metrics_confusion_and_predictions(tmp_path):
+    splits = _write_prepared(tmp_path, N_FEATURES)
+    model = _write_model(tmp_path, N_FEATURES)
+    _write_params(tmp_path)
+
+    result = _run_evaluate(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout
+
+    x_test, y_test = splits["test"]
+    probs = np.load(tmp_path / "data" / "predictions.npy")
+    assert probs.dtype == np.float32 and probs.shape == (len(y_test), len(CLASSES))
+    np.testing.assert_allclose(probs, model.predict(x_test, verbose=0), atol=1e-5)
+
+    got = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert set(got) == EXPECTED_KEYS
+    y_pred = probs.argmax(axis=1)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y_test, y_pred))
+    exact = probs.astype(float)
+    exact /= exact.sum(axis=1, keepdims=True)  # float32 rows sum to 1 only roughly
+    assert got["loss"] == pytest.approx(skm.log_loss(y_test, exact, labels=[0, 1, 2]), rel=1e-5)
+    assert got["top_k"] == 2
+    assert got["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y_test, probs, k=2, labels=[0, 1, 2]))
+    assert got["f1_macro"] == pytest.approx(skm.f1_score(y_test, y_pred, average="macro", zero_division=0))
+    assert got["f1_weighted"] == pytest.approx(skm.f1_score(y_test, y_pred, average="weighted", zero_division=0))
+    for split in ("train", "val"):
+        x, y = splits[split]
+        assert got[f"{split}_accuracy"] == pytest.approx(skm.accuracy_score(y, model.predict(x, verbose=0).argmax(1)))
+    assert got["generalization_gap"] == pytest.approx(got["train_accuracy"] - got["accuracy"])
+    assert set(got["per_class"]) == set(CLASSES)
+    assert set(got["per_class"]["dog"]) == {"precision", "recall", "f1", "support"}
+
+    confusion = pd.read_csv(tmp_path / "metrics" / "confusion.csv")
+    assert list(confusion.columns) == ["actual", "predicted"]
+    assert confusion["actual"].tolist() == [CLASSES[i] for i in y_test]
+    assert confusion["predicted"].tolist() == [CLASSES[i] for i in y_pred]
+
+
+def test_evaluate_stage_refuses_a_model_that_no_longer_fits_the_data(tmp_path):
+    _write_prepared(tmp_path, N_FEATURES)
+    _write_model(tmp_path, N_FEATURES - 1)
+    _write_params(tmp_path)
+    for stale in OUTPUTS:
+        (tmp_path / stale).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / stale).write_text("from an earlier run")
+
+    result = _run_evaluate(tmp_path)
+    assert result.returncode == 2
+    assert "no longer fits the model" in result.stderr and "dvc repro" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any((tmp_path / out).exists() for out in OUTPUTS)
