@@ -35,7 +35,9 @@ def _plateau(lr: float, args, steps_per_epoch: int, epochs: int) -> float:
 def _step(lr: float, args, steps_per_epoch: int, epochs: int) -> schedules.LearningRateSchedule:
     every = args.every_epochs * steps_per_epoch  # steps between drops
     n_drops = max(1, epochs // args.every_epochs)
-    boundaries = [every * k for k in range(1, n_drops + 1)]
+    # PiecewiseConstantDecay keeps values[i] while step <= boundaries[i]: the last step of a
+    # block is every*k - 1, so the drop lands on the first step of the next epoch block.
+    boundaries = [every * k - 1 for k in range(1, n_drops + 1)]
     values = [lr * args.factor**k for k in range(n_drops + 1)]
     return schedules.PiecewiseConstantDecay(boundaries, values)
 

@@ -83,6 +83,20 @@ def run_info(params: Params, fingerprint: dict[str, str]) -> dict:
     }
 
 
+def _renumber_shared_objects(config, ids: dict | None = None):
+    """Replace Keras's ``shared_object_id`` values (Python ``id()``s, i.e. memory addresses)
+    by 1, 2, ... in order of appearance; equal ids stay equal, so sharing is preserved."""
+    ids = {} if ids is None else ids
+    if isinstance(config, dict):
+        return {
+            k: ids.setdefault(v, len(ids) + 1) if k == "shared_object_id" else _renumber_shared_objects(v, ids)
+            for k, v in config.items()
+        }
+    if isinstance(config, list):
+        return [_renumber_shared_objects(v, ids) for v in config]
+    return config
+
+
 def save_model(model: keras.Model, path: str | Path) -> None:
     """Save a ``.keras`` file whose bytes depend only on the model.
 
@@ -100,6 +114,8 @@ def save_model(model: keras.Model, path: str | Path) -> None:
                     meta = json.loads(data)
                     meta.pop("date_saved", None)
                     data = json.dumps(meta, sort_keys=True).encode()
+                elif name == "config.json":
+                    data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
                 dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
 
 
@@ -112,27 +128,37 @@ def backup_key(params: Params, fingerprint: dict[str, str]) -> str:
 
 
 class Backup:
-    """The state after the last completed epoch: model (with optimizer state) and history."""
+    """The state after the last completed epoch, and the history up to it.
+
+    Every variable is saved: weights, batch-norm statistics, the dropout layers' RNG state
+    (which ``get_weights()`` and ``.keras`` files leave out) and the optimizer's moments, step
+    count and current rate, so a resumed run follows exactly the path of an uninterrupted one.
+    """
 
     def __init__(self, root: Path, key: str) -> None:
         self.dir = root / key
         self.root = root
 
+    @staticmethod
+    def _variables(model: keras.Model) -> list:
+        model.optimizer.build(model.trainable_variables)
+        return [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
+
     def save(self, model: keras.Model, history: loop.History) -> None:
         with atomic_dir(self.dir) as tmp:
-            model.save(tmp / "model.keras")
+            values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
+            np.savez(tmp / "state.npz", **values)
             (tmp / "history.json").write_text(json.dumps({"epochs": history.epochs, "seconds": history.seconds}))
 
     def load(self, model: keras.Model) -> loop.History | None:
         if not (self.dir / "history.json").is_file():
             return None
-        saved = keras.saving.load_model(self.dir / "model.keras")
-        model.set_weights(saved.get_weights())
-        # Optimizer state too (moments, step count, current rate), so the resumed run follows
-        # exactly the path the uninterrupted one would have.
-        model.optimizer.build(model.trainable_variables)
-        for var, value in zip(model.optimizer.variables, saved.optimizer.variables):
-            var.assign(value)
+        variables = self._variables(model)
+        with np.load(self.dir / "state.npz") as saved:
+            if len(saved.files) != len(variables):
+                return None  # another architecture under the same key: start afresh
+            for i, var in enumerate(variables):
+                var.assign(saved[f"v{i}"])
         state = json.loads((self.dir / "history.json").read_text())
         return loop.History(epochs=state["epochs"], seconds=state["seconds"])
 

@@ -1,0 +1,81 @@
+"""Shared test set-up: Keras on the JAX backend (optlab's default), quiet TensorFlow, and
+helpers that build small prepared data sets from real data (scikit-learn's digits)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_params(**overrides) -> dict:
+    """The repository's params.yaml as a dict, with dotted-key overrides applied."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return raw
+
+
+def write_params(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None = None) -> Path:
+    """A prepared-data directory (the prepare stage's contract) from the real digits set."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 8.0 - 1.0)[..., None]  # 0..16 -> [-1, 1], (N, 8, 8, 1)
+    y = d.target.astype(np.int32)
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=0.2, stratify=y, random_state=0)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=0.15, stratify=y_rest, random_state=0)
+    if n_train:
+        x_train, y_train = x_train[:n_train], y_train[:n_train]
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, arr in dict(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test).items():
+        if name.startswith("x") and flatten:
+            arr = arr.reshape(len(arr), -1)
+        np.save(directory / f"{name}.npy", np.ascontiguousarray(arr))
+    meta = {"dataset": "digits", "classes": [str(i) for i in range(10)], "image_shape": [8, 8, 1], "flatten": flatten}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def run_stage(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``stages/<script>.py`` as DVC would, in ``cwd``."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def digits_dir(tmp_path: Path) -> Path:
+    return prepared_digits(tmp_path / "prepared")
+
+
+@pytest.fixture(scope="session")
+def dvc_bin() -> str:
+    path = shutil.which("dvc", path=str(Path(sys.executable).parent))
+    assert path, "dvc is not installed in the test environment; run `make test`"
+    return path
