@@ -1,0 +1,70 @@
+"""The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report) and
+``optlab gate`` (the CI regression gate). User errors print ``error: ...`` and exit 2; a gate
+that finds a regression exits 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from optlab import compare, gate
+from optlab.errors import OptlabError
+
+EXIT_GATE_FAILED = 1
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optlab", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="report which variants beat the baseline by more than seed noise")
+    c.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    c.add_argument(
+        "--out",
+        default="reports/compare.md",
+        help="the Markdown report, relative to --repo; figures go beside it (default: reports/compare.md)",
+    )
+    c.add_argument("--baseline", help="experiment name, commit or branch of the baseline (default: HEAD)")
+    c.add_argument("--all-commits", action="store_true", help="read the experiments of every commit, not only HEAD's")
+    c.add_argument(
+        "--threshold",
+        type=float,
+        default=compare.THRESHOLD_FRACTION,
+        help="time-to-reach threshold: this fraction of the best variant's best mean validation accuracy "
+        "(default: 0.95)",
+    )
+
+    g = sub.add_parser("gate", help="fail when test accuracy drops below the baseline's")
+    g.add_argument("--baseline", required=True, help="the git revision to compare the workspace with, e.g. origin/main")
+    g.add_argument(
+        "--max-drop",
+        type=float,
+        default=gate.MAX_DROP,
+        help="largest allowed drop in metrics/test.json:accuracy, absolute (default: 0.01, i.e. one point)",
+    )
+    g.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "compare":
+            result = compare.compare(args.repo, args.out, args.baseline, args.all_commits, args.threshold)
+            print(f"wrote {args.out}: {len(result.ranked)} comparable variants, {len(result.excluded)} excluded")
+            return 0
+        result, summary = gate.gate(args.baseline, args.max_drop, args.repo)
+        print(summary)
+        if not result.passed:
+            print(f"gate failed: {result.reason}", file=sys.stderr)
+            return EXIT_GATE_FAILED
+        return 0
+    except OptlabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

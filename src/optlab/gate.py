@@ -1,0 +1,106 @@
+"""The CI regression gate: fail when test accuracy falls below the baseline revision's.
+
+It reads ``dvc metrics diff <baseline> --all --json`` (the workspace against ``baseline``).
+DVC exits 0 even when it could not load a metric on one side (the value is just ``null``), so
+a missing or unreadable value fails the gate here instead of passing silently.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optlab.errors import OptlabError
+
+METRIC_FILE = "metrics/test.json"  # the evaluate stage's metrics, as dvc.yaml names them
+METRIC_KEY = "accuracy"
+MAX_DROP = 0.01  # absolute test accuracy, e.g. 0.870 -> 0.860 still passes
+# A drop of exactly --max-drop passes; without this slack 0.87 - 0.86 > 0.01 in floating point.
+_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    old: float | None
+    new: float | None
+    max_drop: float
+    reason: str
+
+    @property
+    def change(self) -> float | None:
+        return None if self.old is None or self.new is None else self.new - self.old
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def evaluate(
+    diff: dict[str, Any], max_drop: float = MAX_DROP, file: str = METRIC_FILE, key: str = METRIC_KEY
+) -> GateResult:
+    """Judge one metric in ``dvc metrics diff --all --json`` output."""
+    if max_drop < 0:
+        raise OptlabError(f"--max-drop must be >= 0, got {max_drop}")
+    entry = (diff.get(file) or {}).get(key)
+    if entry is None:
+        return GateResult(False, None, None, max_drop, f"`{file}:{key}` is missing on both sides")
+    old, new = _number(entry.get("old")), _number(entry.get("new"))
+    missing = " and ".join(side for side, value in (("the baseline", old), ("this change", new)) if value is None)
+    if missing:
+        return GateResult(False, old, new, max_drop, f"`{file}:{key}` is missing or not a number in {missing}")
+    drop = old - new
+    if drop > max_drop + _TOLERANCE:
+        reason = f"{key} dropped by {drop:.4f}, more than the allowed {max_drop:.4f}"
+    elif drop > 0:
+        reason = f"{key} dropped by {drop:.4f}, within the allowed {max_drop:.4f}"
+    else:
+        reason = f"{key} did not drop"
+    return GateResult(drop <= max_drop + _TOLERANCE, old, new, max_drop, reason)
+
+
+def metrics_diff(baseline: str, repo: str | Path = ".") -> dict[str, Any]:
+    """``dvc metrics diff <baseline> --all --json`` in ``repo`` (``--all``: unchanged values too,
+    which DVC otherwise leaves out, so an unchanged metric would look missing)."""
+    cmd = [sys.executable, "-m", "dvc", "metrics", "diff", baseline, "--all", "--json"]
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OptlabError(f"`dvc metrics diff {baseline}` failed: {done.stderr.strip() or done.stdout.strip()}")
+    try:
+        return json.loads(done.stdout or "{}")
+    except json.JSONDecodeError as exc:
+        raise OptlabError(f"`dvc metrics diff {baseline}` printed no JSON: {done.stdout[:200]!r}") from exc
+
+
+def _cell(value: float | None, sign: bool = False) -> str:
+    return "missing" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
+
+
+def summary_markdown(result: GateResult, baseline: str, file: str = METRIC_FILE, key: str = METRIC_KEY) -> str:
+    """A short PR comment: the verdict, the numbers and the reason."""
+    status = "✅ passed" if result.passed else "❌ failed"
+    change = _cell(result.change, sign=True)
+    return "\n".join(
+        [
+            f"### Regression gate {status}",
+            "",
+            f"| metric | baseline (`{baseline}`) | this change | change | allowed drop |",
+            "|---|---|---|---|---|",
+            f"| `{file}:{key}` | {_cell(result.old)} | {_cell(result.new)} | {change} | {result.max_drop:.4f} |",
+            "",
+            result.reason[0].upper() + result.reason[1:] + ".",
+            "",
+        ]
+    )
+
+
+def gate(baseline: str, max_drop: float = MAX_DROP, repo: str | Path = ".") -> tuple[GateResult, str]:
+    result = evaluate(metrics_diff(baseline, repo), max_drop)
+    return result, summary_markdown(result, baseline)

@@ -1,0 +1,333 @@
+"""optlab compare: the statistics on hand-computed numbers, the grouping and refusal rules on
+constructed runs, and one end-to-end run on a real git + DVC repository whose train stage is a
+tiny script that writes the real metric files deterministically from params."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from optlab import cli, compare
+from optlab.compare import Group, Run, group_runs, incomparable_reasons, summarize, welch
+from optlab.errors import OptlabError
+
+# --- a real, fast DVC project ----------------------------------------------------------------
+# The stage writes what optlab's train and evaluate stages write: test accuracy is a base per
+# optimizer plus a seed-dependent offset, so the expected ranking and verdicts are known.
+FAKE_TRAIN = textwrap.dedent(
+    """
+    import json, math, os, yaml
+    p = yaml.safe_load(open("params.yaml"))
+    BASE = {"adam": 0.88, "rmsprop": 0.90, "sgd": 0.80}
+    NOISE = [0.01, -0.01, 0.0, 0.005, -0.005]
+    opt, epochs, hidden = p["optimizer"], p["train"]["epochs"], p["model"]["hidden"]
+    best = BASE[opt] + NOISE[(p["seed"] + len(opt)) % 5]
+    rate = 0.5 if opt == "sgd" else 1.0
+    curve = [best - (best - 0.5) * math.exp(-rate * e) for e in range(1, epochs + 1)]
+    sizes = [784, *hidden, 10]
+    params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
+    for split, name, values in [("val", "accuracy", curve), ("val", "loss", [1 - c for c in curve]),
+                                ("train", "loss", [0.9 - c for c in curve])]:
+        os.makedirs(f"metrics/train/plots/metrics/{split}", exist_ok=True)
+        with open(f"metrics/train/plots/metrics/{split}/{name}.tsv", "w") as f:
+            f.write(f"step\\t{name}\\n" + "".join(f"{i}\\t{v}\\n" for i, v in enumerate(values)))
+    spe = 0.5 * (1 + hidden[0] / 64)
+    json.dump({"train": {"loss": 0.2, "accuracy": best + 0.02}, "val": {"loss": 1 - best, "accuracy": best},
+               "learning_rate": 0.001, "step": epochs - 1, "trainable_params": params, "epochs_run": epochs,
+               "best_epoch": epochs, "train_seconds": spe * epochs, "seconds_per_epoch": spe},
+              open("metrics/train/metrics.json", "w"))
+    json.dump({"accuracy": best, "loss": 1 - best, "f1_macro": best - 0.01, "f1_weighted": best - 0.005,
+               "top_k_accuracy": 0.99, "top_k": 3, "train_accuracy": best + 0.02, "val_accuracy": best,
+               "generalization_gap": 0.02, "per_class": {}}, open("metrics/test.json", "w"))
+    """
+)
+FAKE_PREPARE = textwrap.dedent(
+    """
+    import os, sys, yaml
+    p = yaml.safe_load(open("params.yaml"))
+    os.makedirs(sys.argv[1], exist_ok=True)
+    open(os.path.join(sys.argv[1], "x.txt"), "w").write(f"{p['dataset']} {p['prepare']}\\n")
+    """
+)
+DVC_YAML = textwrap.dedent(
+    """
+    stages:
+      prepare:
+        cmd: python prepare.py data/prepared
+        deps: [prepare.py]
+        params: [dataset, prepare]
+        outs: [data/prepared]
+      train:
+        cmd: python train.py
+        deps: [train.py, data/prepared]
+        params: [seed, optimizer, model, train]
+        outs:
+          - metrics/train:
+              cache: false
+        metrics:
+          - metrics/test.json:
+              cache: false
+    metrics:
+      - metrics/train/metrics.json
+    """
+)
+PARAMS = {
+    "dataset": "fashion_mnist",
+    "seed": 0,
+    "optimizer": "adam",
+    "prepare": {"val_fraction": 0.1},
+    "model": {"hidden": [64]},
+    "train": {"epochs": 4},
+}
+# `dvc exp run -S` edits params.yaml in the workspace and leaves it edited, so a later
+# `-S seed=2` would inherit an earlier `-S optimizer=sgd`: every run sets all varied keys.
+VARIED = {"seed": 0, "optimizer": "adam", "train.epochs": 4}
+
+
+def _env() -> dict[str, str]:
+    # Stage commands run `python`: make it this interpreter, which has PyYAML.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": path}
+
+
+def sh(cwd: Path, *cmd: str) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def dvc(cwd: Path, *args: str) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args)
+
+
+def git_init(path: Path) -> None:
+    sh(path, "git", "init", "-q", "-b", "main")
+    git_identity(path)
+
+
+def git_identity(path: Path) -> None:
+    sh(path, "git", "config", "user.name", "optlab test")
+    sh(path, "git", "config", "user.email", "test@optlab.invalid")
+
+
+def make_project(path: Path, commit: bool = True) -> Path:
+    """A git + DVC repo with the fake pipeline reproduced and committed (seed 0, adam)."""
+    import yaml
+
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / ".git").exists():
+        git_init(path)
+    dvc(path, "init", "-q")
+    (path / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    (path / "prepare.py").write_text(FAKE_PREPARE)
+    (path / "train.py").write_text(FAKE_TRAIN)
+    (path / "dvc.yaml").write_text(DVC_YAML)
+    dvc(path, "repro", "-q")
+    if commit:
+        sh(path, "git", "add", "-A")
+        sh(path, "git", "commit", "-q", "-m", "baseline: adam, seed 0")
+    return path
+
+
+def exp_run(repo: Path, name: str, **changes) -> None:
+    sets = [a for k, v in {**VARIED, **changes}.items() for a in ("-S", f"{k}={v}")]
+    dvc(repo, "exp", "run", "-q", "--name", name, *sets)
+
+
+# --- statistics on known numbers -------------------------------------------------------------
+def test_summary_by_hand():
+    s = summarize([0.80, 0.82, 0.84])
+    assert s.n == 3
+    assert s.mean == pytest.approx(0.82)
+    assert s.std == pytest.approx(0.02)  # sqrt((0.02^2 + 0 + 0.02^2) / 2)
+    half = 4.302652729911275 * 0.02 / math.sqrt(3)  # t(0.975, df=2)
+    assert (s.ci_low, s.ci_high) == pytest.approx((0.82 - half, 0.82 + half))
+
+
+def test_summary_of_one_value_has_no_spread():
+    s = summarize([0.9])
+    assert s.mean == 0.9 and math.isnan(s.std) and math.isnan(s.ci_low)
+
+
+def test_welch_clearly_significant():
+    d = welch([0.90, 0.91, 0.92], [0.80, 0.81, 0.82])
+    assert d.tested and d.diff == pytest.approx(0.10)
+    # equal variances (0.01^2) and sizes: t = 0.1 / sqrt(2 * 0.0001 / 3), df = 4
+    assert d.df == pytest.approx(4.0)
+    assert d.p_value < 1e-3
+    half = 2.7764451051977987 * math.sqrt(2 * 0.0001 / 3)  # t(0.975, df=4)
+    assert (d.ci_low, d.ci_high) == pytest.approx((0.10 - half, 0.10 + half))
+    assert compare.verdict(d) == "better, larger than seed noise"
+
+
+def test_welch_clearly_not_significant():
+    d = welch([0.80, 0.84, 0.82, 0.83], [0.81, 0.85, 0.80, 0.82])
+    assert d.tested and d.p_value > 0.5 and d.ci_low < 0 < d.ci_high
+    assert compare.verdict(d) == "within seed noise"
+
+
+def test_welch_unequal_variances_uses_satterthwaite_df():
+    d = welch([0.5, 0.7, 0.9], [0.80, 0.81, 0.82])
+    va, vb = 0.04, 0.0001
+    df = (va / 3 + vb / 3) ** 2 / ((va / 3) ** 2 / 2 + (vb / 3) ** 2 / 2)
+    assert d.df == pytest.approx(df)
+
+
+def test_welch_needs_three_seeds_each():
+    d = welch([0.90, 0.91], [0.80, 0.81, 0.82])
+    assert not d.tested and math.isnan(d.p_value)
+    assert d.diff == pytest.approx(0.905 - 0.81)
+    assert compare.verdict(d) == "not enough seeds"
+
+
+def test_welch_without_any_seed_noise_says_why():
+    d = welch([0.9] * 3, [0.8] * 3)
+    assert not d.tested and "seed" in compare.verdict(d)
+
+
+def test_holm_step_down():
+    assert compare.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+
+
+def test_time_to_reach_and_mean_curve():
+    assert compare.time_to_reach([0.5, 0.7, 0.9], 2.0, 0.7) == 4.0  # epoch 2 x 2 s
+    assert compare.time_to_reach([0.5, 0.6], 2.0, 0.7) is None
+    m = compare.mean_curve([[0.5, 0.7, 0.9], [0.7, 0.9]])  # the second seed stopped early
+    assert m["mean"].tolist() == pytest.approx([0.6, 0.8, 0.9])
+    assert m["n"].tolist() == [2, 2, 1] and m.index.tolist() == [1, 2, 3]
+
+
+# --- grouping and the refusal rule -----------------------------------------------------------
+def run(seed=0, acc=0.8, data="d1", code="c1", **params) -> Run:
+    p = {"dataset": "fashion_mnist", "seed": seed, "optimizer": "adam", "train.epochs": 4, "prepare.val_fraction": 0.1}
+    return Run(rev=f"{seed}{params}{data}", name=f"r{seed}", params={**p, **params}, metrics={"accuracy": acc},
+               data_hash=data, code_hash=code)
+
+
+def test_runs_differing_only_by_seed_group_together():
+    groups = group_runs([run(0), run(1), run(2), run(0, optimizer="sgd"), run(1, optimizer="sgd")])
+    assert [len(g.runs) for g in groups] == [3, 2]
+    assert compare.label_against(groups[1], groups[0]) == "optimizer=sgd"
+    assert compare.label_against(groups[0], groups[0]) == "baseline"
+
+
+def test_a_repeated_seed_is_counted_once():
+    (group,) = group_runs([run(0, 0.80), run(1, 0.82), run(0, 0.81)])
+    assert group.values("accuracy") == [0.80, 0.82] and len(group.repeats) == 1
+
+
+def test_code_changes_never_pool_seeds():
+    groups = group_runs([run(0), run(1, code="c2")])
+    assert len(groups) == 2 and compare.label_against(groups[1], groups[0]) == "code changed"
+
+
+@pytest.mark.parametrize(
+    "other, reason",
+    [
+        (run(dataset="cifar10"), "dataset"),
+        (run(**{"train.epochs": 8}), "train.epochs"),
+        (run(**{"prepare.val_fraction": 0.2}, data="d2"), "prepare.val_fraction"),
+        (run(data="d2"), "data hash"),
+    ],
+)
+def test_groups_differing_beyond_studied_params_are_refused(other, reason):
+    a, b = Group([run()]), Group([other])
+    assert any(r.startswith(reason) for r in incomparable_reasons(a, b))
+    with pytest.raises(OptlabError, match="differ in more than the studied params"):
+        compare.require_comparable(a, b)
+    cmp = compare.build_comparison([a, b], a)
+    assert cmp.ranked == [a] and cmp.excluded[0][0] is b
+
+
+def test_build_comparison_ranks_and_tests_against_baseline():
+    base = Group([run(s, 0.80 + s / 100) for s in range(3)])
+    better = Group([run(s, 0.90 + s / 100, optimizer="sgd") for s in range(3)])
+    few = Group([run(s, 0.85, optimizer="nadam") for s in range(2)])
+    cmp = compare.build_comparison([base, better, few], base)
+    assert cmp.ranked == [better, few, base]
+    d, p_holm = cmp.differences[id(better)]
+    assert d.diff == pytest.approx(0.10) and p_holm == pytest.approx(d.p_value)  # only one test made
+    assert not cmp.differences[id(few)][0].tested
+
+
+# --- end to end on a real DVC repository -----------------------------------------------------
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    repo = make_project(tmp_path_factory.mktemp("compare") / "repo")
+    for seed in (1, 2):
+        exp_run(repo, f"adam-{seed}", seed=seed)
+    for seed in (0, 1, 2):
+        exp_run(repo, f"sgd-{seed}", seed=seed, optimizer="sgd")
+    for seed in (0, 1):
+        exp_run(repo, f"rmsprop-{seed}", seed=seed, optimizer="rmsprop")
+    exp_run(repo, "long", **{"train.epochs": 8})
+    return repo
+
+
+def _rows(report: str, section: str) -> list[list[str]]:
+    body = report.split(f"## {section}")[1].split("\n## ")[0]
+    lines = [line for line in body.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_compare_end_to_end(project, capsys):
+    assert cli.main(["compare", "--repo", str(project)]) == 0
+    report = (project / "reports/compare.md").read_text()
+
+    ranking = _rows(report, "Ranking by test accuracy")
+    # rmsprop's mean is the best, but two seeds are too few to say it beats the baseline.
+    assert [r[1] for r in ranking] == ["optimizer=rmsprop", "baseline", "optimizer=sgd"]
+    assert [r[2] for r in ranking] == ["2", "3", "3"]
+    assert ranking[1][3] == f"{(0.875 + 0.89 + 0.87) / 3:.4f} ± {summarize([0.875, 0.89, 0.87]).std:.4f}"
+
+    verdicts = {r[0]: r[-1] for r in _rows(report, "Against the baseline")}
+    assert verdicts == {
+        "optimizer=rmsprop": "not enough seeds",
+        "optimizer=sgd": "worse, larger than seed noise",
+    }
+    assert "train.epochs=8" in report.split("## Not compared")[1] and "train.epochs: 8 vs 4" in report
+    for suffix in ("accuracy", "curves", "params", "time"):
+        assert f"](compare-{suffix}.png)" in report
+        assert (project / f"reports/compare-{suffix}.png").read_bytes()[:4] == b"\x89PNG"
+    # sgd learns at half the rate: it reaches the threshold last, or never.
+    times = {r[0]: r[2] for r in _rows(report, "Time to reach")}
+    assert times["optimizer=sgd"] == "not reached"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_compare_against_another_baseline(project, tmp_path):
+    out = tmp_path / "vs-sgd.md"
+    assert cli.main(["compare", "--repo", str(project), "--baseline", "sgd-1", "--all-commits", "--out", str(out)]) == 0
+    verdicts = {r[0]: r[-1] for r in _rows(out.read_text(), "Against the baseline")}
+    assert verdicts["optimizer=adam"] == "better, larger than seed noise"
+    assert (tmp_path / "vs-sgd-accuracy.png").exists()
+
+
+def test_compare_user_errors(project, tmp_path, capsys):
+    assert cli.main(["compare", "--repo", str(project), "--baseline", "nope", "--out", str(tmp_path / "x.md")]) == 2
+    assert "error: no run with test metrics matches --baseline 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x.md").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    git_init(empty)
+    dvc(empty, "init", "-q")
+    assert cli.main(["compare", "--repo", str(empty)]) == 2
+    assert "error: " in capsys.readouterr().err
+
+
+def test_exp_show_records_carry_params_metrics_and_data_hash(project):
+    states = list(compare.iter_states(compare.exp_show(project)))
+    names = {s["name"] for s in states}
+    assert {"adam-1", "sgd-2", "long"} <= names
+    sgd = next(s for s in states if s["name"] == "sgd-2")
+    assert sgd["data"]["params"]["params.yaml"]["data"]["optimizer"] == "sgd"
+    assert sgd["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"] == pytest.approx(0.81)
+    assert sgd["data"]["deps"]["data/prepared"]["hash"].endswith(".dir")
+    assert json.dumps(sgd, default=str)  # the same shape as `dvc exp show --json`
