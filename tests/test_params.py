@@ -1,0 +1,110 @@
+"""params.yaml validation: every bad value is refused before any work, with a message that
+names the key and says what to write instead; every stage exits 2 on it."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import REPO, repo_params, run_stage, write_params
+
+from optlab.params import (
+    DATASET_NAMES,
+    OPTIMIZER_NAMES,
+    SCHEDULE_NAMES,
+    ParamsError,
+    load_params,
+    validate_params,
+)
+
+
+def test_the_repository_params_are_valid():
+    p = load_params(REPO / "params.yaml")
+    assert p.dataset == "fashion_mnist" and p.optimizer in OPTIMIZER_NAMES and p.schedule in SCHEDULE_NAMES
+    assert p.optimizer_args is p.optim.adam
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ({"dataset": "cifar"}, ["unknown dataset 'cifar'", *DATASET_NAMES, "Did you mean 'cifar10'?"]),
+        ({"optimizer": "adamm"}, ["unknown optimizer 'adamm'", *OPTIMIZER_NAMES, "Did you mean 'adam'?"]),
+        ({"schedule": "cosin"}, ["unknown schedule 'cosin'", "warmup_cosine", "Did you mean 'cosine'?"]),
+        ({"model.name": "resnet"}, ["unknown model.name 'resnet'", "mlp, cnn"]),
+        ({"model.activation": "sigmoid"}, ["model.activation", "'relu'", "'gelu'"]),
+        ({"optim.adam.learning_rate": -0.001}, ["optim.adam.learning_rate", "greater than 0", "-0.001"]),
+        ({"optim.sgd.learning_rate": 0}, ["optim.sgd.learning_rate", "greater than 0"]),
+        ({"model.dropout": 1.0}, ["model.dropout", "less than 1"]),
+        ({"model.dropout": -0.1}, ["model.dropout", "greater than or equal to 0"]),
+        ({"train.epochs": 0}, ["train.epochs", "greater than or equal to 1"]),
+        ({"train.epochs": "ten"}, ["train.epochs", "valid integer", "'ten'"]),
+        ({"train.batch_size": 32.5}, ["train.batch_size", "valid integer"]),
+        ({"model.hidden": []}, ["model.hidden", "at least 1 item"]),
+        ({"model.hidden": [64, 64, 64, 64, 64, 64]}, ["model.hidden", "at most 5 items"]),
+        ({"model.hidden": [4096]}, ["model.hidden.0", "less than or equal to 2048"]),
+        ({"prepare.val_fraction": 1.5}, ["prepare.val_fraction", "less than 1"]),
+        ({"prepare.val_fraction": 0}, ["prepare.val_fraction", "greater than 0"]),
+        ({"train.backend": "tensorflow"}, ["train.loop 'compiled' runs on the jax backend only", "train.loop: keras"]),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_and_the_fix(override, expected):
+    with pytest.raises(ParamsError) as err:
+        validate_params(repo_params(**override))
+    for fragment in expected:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "raw_key,suggestion",
+    [("optimizr", "'optimizer'"), ("model.hiden", "'model.hidden'"), ("optim.adam.lr", None), ("train.epoch", "'train.epochs'")],
+)
+def test_unknown_keys_are_refused_with_a_suggestion_and_the_valid_keys(raw_key, suggestion):
+    raw = repo_params()
+    node = raw
+    *parents, leaf = raw_key.split(".")
+    for key in parents:
+        node = node[key]
+    node[leaf] = 1
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw)
+    msg = str(err.value)
+    assert f"{raw_key}: unknown key." in msg and "Valid keys here:" in msg
+    if suggestion:
+        assert f"Did you mean {suggestion}?" in msg
+
+
+def test_every_problem_is_listed_at_once():
+    with pytest.raises(ParamsError) as err:
+        validate_params(repo_params(**{"train.epochs": 0, "model.dropout": 2, "optimizer": "x"}))
+    assert "3 problem(s)" in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+@pytest.mark.parametrize("stage", ["download", "prepare", "train", "evaluate", "plot"])
+def test_every_stage_exits_2_on_a_typo_before_touching_its_inputs(tmp_path, stage):
+    raw = repo_params()
+    raw["model"]["hiden"] = [32]
+    write_params(tmp_path / "params.yaml", raw)
+    args = {
+        "download": ["--out", "data/raw"],
+        "prepare": ["--raw", "data/raw", "--out", "data/prepared", "--summary", "metrics/data.json"],
+        "train": ["--data", "data/prepared", "--model", "models/model.keras", "--live", "metrics/train"],
+        "evaluate": ["--data", "data/prepared", "--model", "models/model.keras", "--metrics", "m.json",
+                     "--confusion", "c.csv", "--predictions", "p.npy"],
+        "plot": ["--raw", "data/raw", "--data", "data/prepared", "--history", "metrics/train",
+                 "--test-metrics", "m.json", "--predictions", "p.npy", "--out", "plots"],
+    }[stage]
+    proc = run_stage(stage, *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "model.hiden: unknown key. Did you mean 'model.hidden'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing else was written"
