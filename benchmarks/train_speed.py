@@ -34,17 +34,14 @@ LR = 1e-3
 
 def write_data(directory: Path) -> None:
     """Fashion-MNIST through optlab's own download and prepare code: [-1, 1], flat, 10% validation."""
-    from optlab.datasets import load
+    from optlab.datasets import load, write_raw
     from optlab.params import validate_params
-    from optlab.prepare import Raw, prepare
+    from optlab.prepare import load_raw, prepare
 
-    data = load("fashion_mnist")
-    raw = Raw(
-        x_train=data.x_train, y_train=data.y_train, x_test=data.x_test, y_test=data.y_test,
-        meta={"dataset": "fashion_mnist", "classes": list(data.classes), "image_shape": list(data.x_train.shape[1:])},
-    )
+    (directory / "raw").mkdir()
+    write_raw(load("fashion_mnist"), directory / "raw")
     params = validate_params({"prepare": {"scale": "minus_one_one", "flatten": True, "val_fraction": 0.1}})
-    prepared = prepare(raw, params.prepare)
+    prepared = prepare(load_raw(directory / "raw"), params.prepare)
     for name, array in prepared.arrays.items():
         np.save(directory / f"{name}.npy", array)
     (directory / "meta.json").write_text(json.dumps(prepared.meta))

@@ -136,6 +136,10 @@ def test_same_seed_gives_bit_identical_metrics_and_model(tmp_path):
     m1, m2 = (json.loads((tmp_path / f"live{t}" / "metrics.json").read_text()) for t in "12")
     timing = {"train_seconds", "seconds_per_epoch", "first_epoch_seconds"}
     assert {k: v for k, v in m1.items() if k not in timing} == {k: v for k, v in m2.items() if k not in timing}
+    # Each run records what produced it.
+    info = json.loads((tmp_path / "live1" / "run.json").read_text())
+    assert info["backend"] == "jax" and info["params"]["seed"] == 0 and info["versions"]["keras"]
+    assert set(info["data_sha256"]) >= {"x_train.npy", "y_train.npy", "meta.json"}
     # The .keras bytes are identical too, so DVC does not rerun evaluate and plot for nothing.
     assert (tmp_path / "models1/model.keras").read_bytes() == (tmp_path / "models2/model.keras").read_bytes()
 
@@ -184,7 +188,8 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path)
 
 def test_divergence_stops_with_the_epoch_and_cause_and_saves_nothing(tmp_path):
     data = prepared_digits(tmp_path / "prepared")
-    params = repo_params(**{"dataset": "digits", "train.epochs": 5, "optim.adam.learning_rate": 1e4, "model.hidden": [64]})
+    # The example: Adam at learning rate 10, no warm-up.
+    params = repo_params(**{"dataset": "digits", "train.epochs": 5, "optim.adam.learning_rate": 10.0, "schedule": "constant", "model.hidden": [64]})
     proc = _train_stage(tmp_path, params, data)
     assert proc.returncode == 2
     assert "diverged at epoch 1" in proc.stderr and "learning rate too high" in proc.stderr, proc.stderr

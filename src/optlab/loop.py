@@ -225,9 +225,7 @@ def fit(
 def evaluate(model: keras.Model, split: Split, params: Params) -> dict[str, float]:
     """Loss and accuracy of the current weights in inference mode (dropout off, BN frozen)."""
     if params.train.loop == "compiled":
-        import jax.numpy as jnp
-
-        logs, _ = CompiledLoop(model, params.train.batch_size).evaluate(jnp.asarray(split.x), jnp.asarray(split.y))
+        logs, _ = CompiledLoop(model, params.train.batch_size).evaluate(to_device(split.x), to_device(split.y))
         return logs
     loss, accuracy = model.evaluate(split.x, split.y, batch_size=EVAL_BATCH, verbose=0)
     return {"loss": float(loss), "accuracy": float(accuracy)}
@@ -237,8 +235,7 @@ def _fit_compiled(model, train, val, params, steps, callbacks, on_epoch, history
     import jax.numpy as jnp
 
     loop = CompiledLoop(model, params.train.batch_size)
-    x, y = jnp.asarray(train.x), jnp.asarray(train.y)
-    xv, yv = jnp.asarray(val.x), jnp.asarray(val.y)
+    x, y, xv, yv = (to_device(a) for a in (train.x, train.y, val.x, val.y))
     cbs = _callback_list(model, callbacks, params.train.epochs, steps)
     model.stop_training = False
     cbs.on_train_begin()
@@ -251,7 +248,7 @@ def _fit_compiled(model, train, val, params, steps, callbacks, on_epoch, history
         logs["learning_rate"] = applied_learning_rate(model.optimizer, steps)
         history.seconds.append(time.perf_counter() - start)
         cbs.on_epoch_end(epoch, logs)
-        _check_finite(epoch, logs, params)
+        _check_diverged(epoch, logs, params, model.output_shape[-1])
         history.epochs.append(dict(logs))
         if on_epoch:
             on_epoch(epoch, logs, history)
@@ -272,7 +269,7 @@ class _EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.history.seconds.append(time.perf_counter() - self._start)
-        _check_finite(epoch, logs, self.params_)
+        _check_diverged(epoch, logs, self.params_, self.model.output_shape[-1])
         self.history.epochs.append(logs)
         if self.on_epoch:
             self.on_epoch(epoch, logs, self.history)
@@ -297,19 +294,60 @@ class DivergedError(OptlabError):
     """Training produced a NaN or infinite loss."""
 
 
-def _check_finite(epoch: int, logs: dict[str, float], params: Params) -> None:
-    bad = [k for k in ("loss", "val_loss") if k in logs and not math.isfinite(logs[k])]
+def _check_diverged(epoch: int, logs: dict[str, float], params: Params, n_classes: int) -> None:
+    """Stop a run whose loss is NaN/infinite, or far worse than knowing nothing.
+
+    Keras clips probabilities inside the cross-entropy, so exploding weights often show as a
+    large *finite* loss (up to -ln 1e-7 = 16 per example) at chance accuracy rather than NaN.
+    A uniform guess scores ln(n_classes); an epoch averaging over 3x that has diverged.
+    """
+    limit = 3 * math.log(n_classes)
+    bad = [k for k in ("loss", "val_loss") if k in logs and not (math.isfinite(logs[k]) and logs[k] <= limit)]
     if bad:
         lr = params.optimizer_args.learning_rate
         raise DivergedError(
-            f"training diverged at epoch {epoch + 1}: {', '.join(bad)} = "
-            f"{', '.join(str(logs[k]) for k in bad)}. The likely cause is a learning rate too high "
+            f"training diverged at epoch {epoch + 1}: {', '.join(f'{k} = {logs[k]:.4g}' for k in bad)} "
+            f"(a uniform guess scores {math.log(n_classes):.3g}). The likely cause is a learning rate too high "
             f"for {params.optimizer} (optim.{params.optimizer}.learning_rate = {lr}); try 10x lower, "
             f"a warm-up (schedule=warmup_cosine), or batch normalization. No model or metrics were saved."
         )
 
 
+def _read_aligned(path: Path, align: int = 64) -> np.ndarray:
+    """Read a ``.npy`` file into a buffer aligned to ``align`` bytes.
+
+    XLA:CPU adopts an aligned, C-contiguous host buffer without copying it (through DLPack),
+    so the training data exists once in memory; ``np.load`` gives no alignment guarantee, and
+    a memory map would keep its pages resident beside the copy.
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order or dtype.hasobject:
+            return np.load(path, allow_pickle=False)  # unusual layouts: plain load, one extra copy
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        raw = np.empty(nbytes + align, dtype=np.uint8)
+        start = (-raw.ctypes.data) % align
+        array = raw[start : start + nbytes].view(dtype).reshape(shape)
+        if f.readinto(memoryview(raw[start : start + nbytes])) != nbytes:
+            raise OptlabError(f"{path} is truncated; run `dvc repro` to prepare the data again")
+    return array
+
+
+def to_device(array: np.ndarray):
+    """The array as a JAX array, sharing memory when the layout allows it."""
+    import jax
+    import jax.numpy as jnp
+
+    if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
+        try:
+            return jax.dlpack.from_dlpack(array)
+        except (TypeError, ValueError, RuntimeError):  # a backend that cannot adopt host memory
+            pass
+    return jnp.asarray(array)
+
+
 def load_split(directory: str | Path, split: str) -> Split:
     d = Path(directory)
-    # Memory-mapped: the arrays are read once, straight into the backend's buffers.
-    return Split(np.load(d / f"x_{split}.npy", mmap_mode="r"), np.load(d / f"y_{split}.npy", mmap_mode="r"))
+    return Split(_read_aligned(d / f"x_{split}.npy"), _read_aligned(d / f"y_{split}.npy"))
