@@ -233,8 +233,10 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     fingerprint = data_fingerprint(data_dir)
     backup = Backup(backup_root, backup_key(params, fingerprint))
     resumed = backup.load(model)
+    # Counted now: fit() appends this run's epochs to the very History object it resumes.
+    epochs_before = len(resumed.epochs) if resumed is not None else 0
     if resumed is not None:
-        print(f"resuming from the backup of epoch {len(resumed.epochs)} in {backup.dir}")
+        print(f"resuming from the backup of epoch {epochs_before} in {backup.dir}")
 
     with tempfile.TemporaryDirectory() as scratch:
         callbacks, best_path = _callbacks(params, Path(scratch))
@@ -256,14 +258,15 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     inference = {
         split: loop.evaluate(model, s, params)["accuracy"] for split, s in (("train", train_split), ("val", val_split))
     }
-    run_seconds = history.seconds[len(resumed.epochs) if resumed else 0 :]
+    run_seconds = history.seconds[epochs_before:]
     summary = {
         "trainable_params": trainable_params(model),
         "epochs_run": len(history.epochs),
         "best_epoch": best_epoch(history, params),
         "train_seconds": round(float(sum(history.seconds)), 3),
         # Steady state: the first epoch of a process includes compiling the XLA program.
-        "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds)), 4),
+        # (A run resumed after its last epoch trained none here: fall back to the backup's times.)
+        "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
         "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
         "inference_train_accuracy": inference["train"],
         "inference_val_accuracy": inference["val"],
