@@ -95,8 +95,10 @@ def optlab_loop(data: Path, epochs: int) -> dict:
     return {"epoch_seconds": history.seconds, "test_accuracy": loop.evaluate(model, test, params)["accuracy"]}
 
 
+REFERENCE_BACKEND = os.environ.get("OPTLAB_BENCH_REFERENCE_BACKEND", "tensorflow")
+
 WORKERS = {
-    "reference": lambda d, e: reference(d, e, "tensorflow"),
+    "reference": lambda d, e: reference(d, e, REFERENCE_BACKEND),
     "keras_jax_fit": lambda d, e: reference(d, e, "jax"),
     "optlab": optlab_loop,
 }
@@ -119,6 +121,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10, help="epochs per variant (the recipe uses 10)")
     ap.add_argument("--skip-jax-fit", action="store_true", help="leave out the Keras-fit-on-JAX middle row")
+    ap.add_argument(
+        "--reference-backend",
+        choices=["tensorflow", "jax"],
+        default="tensorflow",
+        help="backend of the reference fit; jax where TensorFlow is absent (the GPU machine)",
+    )
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -126,13 +134,15 @@ def main() -> None:
         print(json.dumps(WORKERS[name](Path(data), int(epochs))))
         return
 
+    os.environ["OPTLAB_BENCH_REFERENCE_BACKEND"] = args.reference_backend  # the workers read it
     import jax
 
     device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores"
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
         write_data(data)
-        names = ["reference", "optlab"] if args.skip_jax_fit else ["reference", "keras_jax_fit", "optlab"]
+        skip_middle = args.skip_jax_fit or args.reference_backend == "jax"  # it would repeat the reference
+        names = ["reference", "optlab"] if skip_middle else ["reference", "keras_jax_fit", "optlab"]
         results = {name: run_worker(name, data, args.epochs) for name in names}
 
     print(f"device: {device}; Fashion-MNIST, Dense {HIDDEN} relu, Adam {LR}, batch {BATCH}, {args.epochs} epochs")
@@ -147,6 +157,7 @@ def main() -> None:
         "reference_test_accuracy": round(results["reference"]["test_accuracy"], 4),
         "optlab_test_accuracy": round(results["optlab"]["test_accuracy"], 4),
         "device": device,
+        "reference_backend": args.reference_backend,
         "epochs": args.epochs,
     }
     if "keras_jax_fit" in results:

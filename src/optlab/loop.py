@@ -357,10 +357,12 @@ def to_device(array: np.ndarray):
     import jax
     import jax.numpy as jnp
 
+    if jax.default_backend() != "cpu":
+        return jax.device_put(array)  # one copy, on the accelerator beside the model state
     if isinstance(array, np.ndarray) and array.flags.c_contiguous and array.ctypes.data % 64 == 0:
         try:
             return jax.dlpack.from_dlpack(array)
-        except (TypeError, ValueError, RuntimeError):  # a backend that cannot adopt host memory
+        except (TypeError, ValueError, RuntimeError):  # a build that cannot adopt host memory
             pass
     return jnp.asarray(array)
 
