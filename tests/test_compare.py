@@ -331,3 +331,29 @@ def test_exp_show_records_carry_params_metrics_and_data_hash(project):
     assert sgd["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"] == pytest.approx(0.81)
     assert sgd["data"]["deps"]["data/prepared"]["hash"].endswith(".dir")
     assert json.dumps(sgd, default=str)  # the same shape as `dvc exp show --json`
+
+
+def _state(seed: int, history_hash: str) -> dict:
+    """One `dvc exp show --json` state, shaped like optlab's pipeline: plot depends on the
+    history inside train's dvclive directory, whose hash differs on every run."""
+    return {
+        "rev": f"rev{seed}",
+        "name": f"exp{seed}",
+        "data": {
+            "params": {"params.yaml": {"data": {"seed": seed, "optimizer": "adam"}}},
+            "metrics": {"metrics/test.json": {"data": {"accuracy": 0.9, "loss": 0.3, "f1_macro": 0.9}}},
+            "deps": {
+                "src/optlab/train.py": {"hash": "code1"},
+                "data/prepared": {"hash": "data1"},
+                "metrics/train/plots/metrics": {"hash": history_hash},
+            },
+            "outs": {"metrics/train": {"hash": history_hash + "dir"}, "models/model.keras": {"hash": "m"}},
+        },
+    }
+
+
+def test_a_dependency_inside_an_output_is_a_result_not_code():
+    runs = [compare.run_from_state(_state(seed, f"hist{seed}")) for seed in range(3)]
+    assert len({r.code_hash for r in runs}) == 1
+    assert "src/optlab/train.py" in runs[0].code_hash and "metrics/train" not in runs[0].code_hash
+    assert len(group_runs(runs)) == 1

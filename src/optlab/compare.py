@@ -292,7 +292,9 @@ def run_from_state(state: dict[str, Any], curve: Sequence[float] = ()) -> Run:
     train = (data.get("metrics") or {}).get(TRAIN_METRICS, {}).get("data") or {}
     deps = data.get("deps") or {}
     produced = set(data.get("outs") or {}) | set(data.get("metrics") or {})
-    code = sorted((p, d.get("hash")) for p, d in deps.items() if p not in produced and p != DATA_DEP)
+    # Code is what no stage produces; a dep at or under an output (plot reads the history
+    # inside train's dvclive directory) is a result, and differs on every run.
+    code = sorted((p, d.get("hash")) for p, d in deps.items() if not _under_any(p, produced) and p != DATA_DEP)
     return Run(
         rev=state["rev"],
         name=state.get("name") or state["rev"][:7],
@@ -304,6 +306,10 @@ def run_from_state(state: dict[str, Any], curve: Sequence[float] = ()) -> Run:
         code_hash=json.dumps(code),
         val_curve=tuple(curve),
     )
+
+
+def _under_any(path: str, roots: set[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
 def _is_number(value: Any) -> bool:
