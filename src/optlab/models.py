@@ -30,17 +30,24 @@ class _Seeds:
         return self._next
 
 
-def _dense_block(x, units: int, p: ModelParams, seeds: _Seeds):
-    x = layers.Dense(
-        units,
+def _kernel(p: ModelParams, seeds: _Seeds) -> dict:
+    """The weight settings dense and conv layers share."""
+    return {
         # A bias is redundant right before batch normalization, which re-centres anyway.
-        use_bias=not p.batch_norm,
-        kernel_initializer=INITIALIZERS[p.initializer](seed=seeds()),
-        kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None,
-    )(x)
+        "use_bias": not p.batch_norm,
+        "kernel_initializer": INITIALIZERS[p.initializer](seed=seeds()),
+        "kernel_regularizer": keras.regularizers.L2(p.l2) if p.l2 else None,
+    }
+
+
+def _normalize_activate(x, p: ModelParams):
     if p.batch_norm:
         x = layers.BatchNormalization()(x)
-    x = layers.Activation(p.activation)(x)
+    return layers.Activation(p.activation)(x)
+
+
+def _dense_block(x, units: int, p: ModelParams, seeds: _Seeds):
+    x = _normalize_activate(layers.Dense(units, **_kernel(p, seeds))(x), p)
     if p.dropout:
         x = layers.Dropout(p.dropout, seed=seeds())(x)
     return x
@@ -91,17 +98,7 @@ def build_cnn(input_shape: Sequence[int], n_classes: int, p: ModelParams, seed: 
             x = layers.RandomFlip("horizontal", seed=seeds())(x)
     for filters in p.conv_filters:
         for _ in range(2):
-            x = layers.Conv2D(
-                filters,
-                3,
-                padding="same",
-                use_bias=not p.batch_norm,
-                kernel_initializer=INITIALIZERS[p.initializer](seed=seeds()),
-                kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None,
-            )(x)
-            if p.batch_norm:
-                x = layers.BatchNormalization()(x)
-            x = layers.Activation(p.activation)(x)
+            x = _normalize_activate(layers.Conv2D(filters, 3, padding="same", **_kernel(p, seeds))(x), p)
         x = layers.MaxPooling2D()(x)
     x = layers.GlobalAveragePooling2D()(x)
     return keras.Model(inputs, _head(x, n_classes, p, seeds), name="cnn")
