@@ -183,7 +183,43 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path)
     for rel in ("plots/metrics/val/accuracy.tsv", "plots/metrics/train/loss.tsv", "plots/metrics/learning_rate.tsv"):
         assert (tmp_path / "live" / rel).read_text() == (ref / "live" / rel).read_text(), rel
     assert json.loads((tmp_path / "live/metrics.json").read_text())["epochs_run"] == 8
-    assert not any(history.glob("*")), "the backup is removed once the run completes"
+    assert not history.exists(), "the backup, and any save the kill cut short, is removed once the run completes"
+    assert not list(tmp_path.glob("**/.*.tmp-*")), "no temporaries of a killed write are left behind"
+
+
+def test_a_backup_save_cut_short_by_a_kill_is_ignored_and_cleared(tmp_path):
+    # SIGKILL can land inside Backup.save: its temporary directory stays beside the last whole backup.
+    p = small(**{"model.dropout": 0.2})
+    model, _ = loop.build(p, (64,), 10, 100)
+    backup = train.Backup(tmp_path / "backup", "key")
+    backup.save(model, loop.History(epochs=[{"loss": 1.0}], seconds=[0.5]))
+    cut_short = tmp_path / "backup" / ".key.tmp-killed"
+    cut_short.mkdir()
+    (cut_short / "state.npz").write_bytes(b"half a file")
+    other_run = tmp_path / "backup" / ".other.tmp-running"  # another key's save in progress: not ours to touch
+    other_run.mkdir()
+
+    resumed = backup.load(model)
+    assert resumed is not None and resumed.epochs == [{"loss": 1.0}]
+    assert not cut_short.exists() and other_run.exists()
+    other_run.rmdir()
+    backup.clear()
+    assert not (tmp_path / "backup").exists()
+
+
+def test_stage_start_removes_temporaries_a_killed_write_left(tmp_path):
+    from optlab.outputs import remove_outputs, temporaries
+
+    (tmp_path / "models").mkdir()
+    leftovers = [tmp_path / "models/.model.keras.tmp-a1.keras", tmp_path / ".live.tmp-b2"]
+    leftovers[0].write_bytes(b"partial")
+    leftovers[1].mkdir()
+    (leftovers[1] / "metrics.json").write_text("{")
+    unrelated = tmp_path / "models/.other.keras.tmp-c3.keras"
+    unrelated.write_bytes(b"")
+    assert temporaries(tmp_path / "models/model.keras") == [leftovers[0]]
+    remove_outputs(tmp_path / "models/model.keras", tmp_path / "live")
+    assert not any(p.exists() for p in leftovers) and unrelated.exists()
 
 
 def test_divergence_stops_with_the_epoch_and_cause_and_saves_nothing(tmp_path):

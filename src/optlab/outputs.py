@@ -73,8 +73,17 @@ def write_json(path: str | Path, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def temporaries(final: str | Path) -> list[Path]:
+    """The temporaries that ``atomic_dir``/``atomic_file`` left beside ``final`` when their
+    process was killed (SIGKILL skips the clean-up in ``finally``)."""
+    final = Path(final)
+    return sorted(final.parent.glob(f".{final.name}.tmp-*")) if final.parent.is_dir() else []
+
+
 def remove_outputs(*paths: str | Path) -> None:
-    """Delete stale outputs before a stage starts, so a failure cannot leave an old result
-    beside a new one (DVC would otherwise cache the mix)."""
+    """Delete stale outputs, and the temporaries a killed run left beside them, before a stage
+    starts, so a failure cannot leave an old result beside a new one (DVC would otherwise
+    cache the mix)."""
     for path in paths:
-        _remove(Path(path))
+        for leftover in [Path(path), *temporaries(path)]:
+            _remove(leftover)

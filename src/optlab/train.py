@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from optlab import loop
 from optlab.errors import OptlabError
 from optlab.models import trainable_params
 from optlab.optim import mode
-from optlab.outputs import atomic_dir, atomic_file, remove_outputs
+from optlab.outputs import atomic_dir, atomic_file, remove_outputs, temporaries
 from optlab.params import Params
 
 BACKUP_ROOT = Path(".optlab/backup")  # resumable state; git-ignored, not a DVC output
@@ -151,6 +150,7 @@ class Backup:
             (tmp / "history.json").write_text(json.dumps({"epochs": history.epochs, "seconds": history.seconds}))
 
     def load(self, model: keras.Model) -> loop.History | None:
+        remove_outputs(*temporaries(self.dir))  # a save cut short by a kill; the last whole one stays
         if not (self.dir / "history.json").is_file():
             return None
         variables = self._variables(model)
@@ -163,7 +163,7 @@ class Backup:
         return loop.History(epochs=state["epochs"], seconds=state["seconds"])
 
     def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        remove_outputs(self.dir)
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
 
