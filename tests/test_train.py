@@ -120,6 +120,22 @@ def test_compiled_loop_matches_keras_fit_on_one_step():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [300, 1024, 2500])  # fewer rows than one chunk, exactly one, a partial last one
+def test_compiled_evaluation_matches_keras(n):
+    p = small(**{"model.hidden": [32], "model.dropout": 0.3, "model.l2": 1e-3})
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 64)).astype("float32")
+    y = rng.integers(0, 10, n).astype("int32")
+    model, _ = loop.build(p, (64,), 10, n)
+    import jax.numpy as jnp
+
+    logs, probs = loop.compiled_loop(model, 64).evaluate(jnp.asarray(x), jnp.asarray(y))
+    loss, accuracy = model.evaluate(x, y, batch_size=256, verbose=0)
+    np.testing.assert_allclose(probs, model.predict(x, batch_size=256, verbose=0), rtol=1e-5, atol=1e-6)
+    assert logs["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert logs["loss"] == pytest.approx(loss, rel=1e-5)  # includes the L2 penalty, as Keras's does
+
+
 def _train_stage(tmp_path: Path, params: dict, data: Path, tag: str = "") -> subprocess.CompletedProcess:
     write_params(tmp_path / "params.yaml", params)
     return run_stage("train", "--data", str(data), "--model", f"models{tag}/model.keras", "--live", f"live{tag}", cwd=tmp_path)

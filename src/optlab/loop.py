@@ -148,9 +148,30 @@ class CompiledLoop:
             state, (losses, correct) = jax.lax.scan(body, state, jnp.arange(n_full))
             return state, jnp.sum(losses), jnp.sum(correct)
 
+        per_example = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+
         def infer(tv, ntv, x, y):
-            loss, (_, correct, probs) = forward(tv, ntv, x, y, False)
-            return loss * y.shape[0], correct, probs
+            # The whole split in one program, EVAL_BATCH rows at a time. Every chunk has the same
+            # shape (the last one overlaps the one before it), so one compile serves them all and
+            # nothing is padded or copied.
+            n = x.shape[0]
+            size = min(EVAL_BATCH, n)
+            chunks = -(-n // size)
+            starts = jnp.minimum(jnp.arange(chunks) * size, n - size)
+
+            def chunk(start):
+                xs = jax.lax.dynamic_slice_in_dim(x, start, size)
+                ys = jax.lax.dynamic_slice_in_dim(y, start, size)
+                probs, _, reg = model.stateless_call(tv, ntv, xs, training=False, return_losses=True)
+                return per_example(ys, probs), probs, (sum(reg) if reg else jnp.float32(0.0))
+
+            losses, probs, reg = jax.lax.map(chunk, starts)
+            # Rows the last chunk repeats from the one before it are dropped.
+            tail = n - (chunks - 1) * size
+            losses = jnp.concatenate([losses[:-1].reshape(-1), losses[-1, size - tail :]])
+            probs = jnp.concatenate([probs[:-1].reshape(-1, probs.shape[-1]), probs[-1, size - tail :]])
+            correct = jnp.sum(jnp.argmax(probs, axis=-1) == y)
+            return jnp.mean(losses) + reg[0], correct, probs
 
         self._jnp, self._jax, self._device = jnp, jax, jax.devices()[0]
         self._epoch = jax.jit(epoch, donate_argnums=0)
@@ -197,15 +218,19 @@ class CompiledLoop:
 
     def evaluate(self, x, y) -> tuple[dict[str, float], np.ndarray]:
         """Loss and accuracy in inference mode on the current weights, and the probabilities."""
-        n = len(y)
         tv, ntv, _ = self._state()
-        loss_sum, correct, probs = 0.0, 0, []
-        # The last chunk's smaller shape costs one extra compile, once per data set.
-        for start in range(0, n, EVAL_BATCH):
-            ls, c, p = self._infer(tv, ntv, x[start : start + EVAL_BATCH], y[start : start + EVAL_BATCH])
-            loss_sum, correct = loss_sum + float(ls), correct + int(c)
-            probs.append(np.asarray(p))
-        return {"loss": loss_sum / n, "accuracy": correct / n}, np.concatenate(probs)
+        loss, correct, probs = self._infer(tv, ntv, x, y)
+        return {"loss": float(loss), "accuracy": int(correct) / len(y)}, np.asarray(probs)
+
+
+_last_loop: list[CompiledLoop] = []  # one slot: a second loop for the same model compiles everything again
+
+
+def compiled_loop(model: keras.Model, batch_size: int) -> CompiledLoop:
+    """The model's CompiledLoop, reused by fit and the evaluations after it."""
+    if not (_last_loop and _last_loop[0].model is model and _last_loop[0].bs == batch_size):
+        _last_loop[:] = [CompiledLoop(model, batch_size)]
+    return _last_loop[0]
 
 
 def _callback_list(model, callbacks, epochs, steps) -> keras.callbacks.CallbackList:
@@ -242,7 +267,7 @@ def fit(
 def evaluate(model: keras.Model, split: Split, params: Params) -> dict[str, float]:
     """Loss and accuracy of the current weights in inference mode (dropout off, BN frozen)."""
     if params.train.loop == "compiled":
-        logs, _ = CompiledLoop(model, params.train.batch_size).evaluate(to_device(split.x), to_device(split.y))
+        logs, _ = compiled_loop(model, params.train.batch_size).evaluate(to_device(split.x), to_device(split.y))
         return logs
     loss, accuracy = model.evaluate(split.x, split.y, batch_size=EVAL_BATCH, verbose=0)
     return {"loss": float(loss), "accuracy": float(accuracy)}
@@ -251,7 +276,7 @@ def evaluate(model: keras.Model, split: Split, params: Params) -> dict[str, floa
 def _fit_compiled(model, train, val, params, steps, callbacks, on_epoch, history):
     import jax.numpy as jnp
 
-    loop = CompiledLoop(model, params.train.batch_size)
+    loop = compiled_loop(model, params.train.batch_size)
     x, y, xv, yv = (to_device(a) for a in (train.x, train.y, val.x, val.y))
     cbs = _callback_list(model, callbacks, params.train.epochs, steps)
     model.stop_training = False
