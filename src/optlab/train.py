@@ -258,6 +258,9 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     inference = {
         split: loop.evaluate(model, s, params)["accuracy"] for split, s in (("train", train_split), ("val", val_split))
     }
+    # Let go of the data before writing the outputs (dvclive's import alone is about 40 MB),
+    # so the end of the run does not add to the peak set while training.
+    del train_split, val_split
     run_seconds = history.seconds[epochs_before:]
     summary = {
         "trainable_params": trainable_params(model),
