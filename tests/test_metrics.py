@@ -72,6 +72,15 @@ def test_confusion_matrix_and_most_confused_pair():
     assert metrics.most_confused(np.eye(3, dtype=int), CLASSES) == []
 
 
+def test_confusion_counts_equal_sklearns():
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 7, 500), rng.integers(0, 7, 500)
+    y_pred[y_pred == 6] = 5  # a class never predicted still gets its column
+    np.testing.assert_array_equal(metrics.confusion(y_true, y_pred, 7), skm.confusion_matrix(y_true, y_pred, labels=range(7)))
+    with pytest.raises(OptlabError, match=r"labels must lie in \[0, 7\)"):
+        metrics.confusion(y_true + 1, y_pred, 7)
+
+
 def test_confusion_rows_name_each_sample():
     rows = metrics.confusion_rows(Y_TRUE, PROBS, CLASSES)
     assert rows["actual"] == ["cat", "cat", "cat", "dog", "dog", "frog", "frog"]

@@ -133,14 +133,15 @@ def test_f1_chart_lists_only_the_extremes_of_many_classes():
 
 
 # --- the plot stage --------------------------------------------------------------------------
-# Runs the stage's main() and fails if Keras or TensorFlow got imported on the way.
+# Runs the stage's main() and fails if Keras, TensorFlow or scikit-learn got imported on the way.
 NO_KERAS_WRAPPER = textwrap.dedent(
     f"""
     import runpy, sys
     from optlab import stage
     main = runpy.run_path({str(REPO / "stages" / "plot.py")!r})["main"]
     rc = stage.run(main, sys.argv[1:])
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow"))
+    # scikit-learn too: it costs about 3 s to import, most of this stage's time.
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow", "sklearn"))
     print("heavy modules:", heavy)
     sys.exit(rc or (3 if heavy else 0))
     """

@@ -8,16 +8,24 @@ paying for a deep-learning framework.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 from optlab.errors import OptlabError
 
 # Softmax outputs in float32 sum to 1 only up to rounding; anything further off is not a
 # probability distribution (e.g. a model that ends in logits).
 _SUM_TOLERANCE = 1e-3
+
+
+@functools.cache
+def _skm():
+    """scikit-learn's metrics module, imported on first use (about 3 s)."""
+    from sklearn import metrics
+
+    return metrics
 
 
 def check_probabilities(probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -45,12 +53,12 @@ def check_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    return float(skm.accuracy_score(y_true, np.argmax(probs, axis=1)))
+    return float(_skm().accuracy_score(y_true, np.argmax(probs, axis=1)))
 
 
 def cross_entropy(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class, in nats (Keras's categorical loss)."""
-    return float(skm.log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
+    return float(_skm().log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[float, int]:
@@ -62,12 +70,18 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[float
         return 1.0, k  # every class is in the top n: sklearn would warn and say the same
     # sklearn reads a 2-class problem as binary and wants only the positive class's score.
     scores = probs[:, 1] if n_classes == 2 else probs
-    return float(skm.top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(n_classes))), k
+    return float(_skm().top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(n_classes))), k
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts: row = actual class, column = predicted class."""
-    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+    """Counts: row = actual class, column = predicted class (sklearn's ``confusion_matrix``).
+
+    Counted with NumPy so the plot stage, which needs nothing else from here, does not pay
+    scikit-learn's import (about 3 s, most of that stage's time).
+    """
+    y_true, y_pred = check_labels(y_true, n_classes), check_labels(y_pred, n_classes)
+    cells = y_true.astype(np.int64) * n_classes + y_pred
+    return np.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -76,7 +90,7 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
     A class that is never predicted (or absent from ``y_true``) scores 0 rather than NaN,
     which JSON cannot hold.
     """
-    report = skm.classification_report(
+    report = _skm().classification_report(
         y_true,
         y_pred,
         labels=np.arange(len(class_names)),
@@ -98,7 +112,7 @@ def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 def f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, average: str) -> float:
     """F1 averaged over all ``n_classes`` (``"macro"``: every class counts the same;
     ``"weighted"``: by support), with the same zero-for-undefined rule as :func:`per_class`."""
-    return float(skm.f1_score(y_true, y_pred, labels=np.arange(n_classes), average=average, zero_division=0))
+    return float(_skm().f1_score(y_true, y_pred, labels=np.arange(n_classes), average=average, zero_division=0))
 
 
 def most_confused(cm: np.ndarray, class_names: Sequence[str], n: int = 10) -> list[dict[str, object]]:
