@@ -57,27 +57,33 @@ def child_peak_mb(cmd: list[str], cwd: Path) -> float:
     return int(proc.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=50_000, help="training images (CIFAR-10: 50,000)")
-    ap.add_argument("--epochs", type=int, default=1)
-    args = ap.parse_args()
+def measure(n: int = 50_000, epochs: int = 1) -> dict:
+    """Peak RSS of the train stage on ``n`` images and on 1% of them, in MB."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["dataset"] = "cifar10"
-        params["train"]["epochs"] = args.epochs
+        params["train"]["epochs"] = epochs
         (work / "params.yaml").write_text(yaml.safe_dump(params))
         peaks = {}
-        for name, n in (("fixed", args.n // 100), ("full", args.n)):
-            data_bytes = synthetic(work / name, n)
+        for name, rows in (("fixed", max(n // 100, 100)), ("full", n)):
+            data_bytes = synthetic(work / name, rows)
             cmd = [sys.executable, str(REPO / "stages/train.py"), "--data", name, "--model", f"{name}.keras", "--live", f"live-{name}"]
             peaks[name] = child_peak_mb(cmd, work)
     data_mb, peak, fixed = data_bytes / 2**20, peaks["full"], peaks["fixed"]
-    print(f"training images {data_mb:.0f} MB; train stage peak RSS {peak:.0f} MB ({peak / data_mb:.2f}x the data); "
-          f"on 1% of the data {fixed:.0f} MB (the fixed cost); above it {(peak - fixed) / data_mb:.2f}x the data")
-    print(json.dumps({"data_mb": round(data_mb), "peak_rss_mb": round(peak), "ratio": round(peak / data_mb, 2),
-                      "fixed_mb": round(fixed), "ratio_above_fixed": round((peak - fixed) / data_mb, 2)}))
+    return {"data_mb": round(data_mb), "peak_rss_mb": round(peak), "ratio": round(peak / data_mb, 2),
+            "fixed_mb": round(fixed), "ratio_above_fixed": round((peak - fixed) / data_mb, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=50_000, help="images before the train/validation split (CIFAR-10: 50,000)")
+    ap.add_argument("--epochs", type=int, default=1)
+    args = ap.parse_args()
+    r = measure(args.n, args.epochs)
+    print(f"training images {r['data_mb']} MB; train stage peak RSS {r['peak_rss_mb']} MB ({r['ratio']:.2f}x the data); "
+          f"on 1% of the data {r['fixed_mb']} MB (the fixed cost); above it {r['ratio_above_fixed']:.2f}x the data")
+    print(json.dumps(r))
 
 
 if __name__ == "__main__":

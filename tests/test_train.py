@@ -287,3 +287,17 @@ def test_callbacks_act_in_the_compiled_loop(tmp_path, extra):
         val = [float(r.split("\t")[1]) for r in (tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().splitlines()[1:]]
         assert summary["best_epoch"] == int(np.argmax(val)) + 1
         assert summary["inference_val_accuracy"] == pytest.approx(max(val), abs=1e-6)
+
+
+def test_train_stage_holds_the_data_about_once():
+    # A memory regression guard (benchmarks/train_memory.py gives the CIFAR-10-sized figure):
+    # beyond the fixed cost of Python, JAX and XLA, the stage's peak grows by about one copy of
+    # the data it trains on; 1.3 leaves room for allocator noise, not for a second copy.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_memory", REPO / "benchmarks/train_memory.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.measure(n=20_000)
+    assert result["data_mb"] == 234
+    assert result["ratio_above_fixed"] < 1.3, result
