@@ -455,7 +455,7 @@ def test_a_repro_killed_mid_train_recovers_with_the_next_repro(project):
         try:
             deadline = time.time() + 300
             # Kill once the first epoch is backed up: DVC and the train stage, like a closed terminal.
-            while time.time() < deadline and proc.poll() is None and not list(backups.glob("*/history.json")):
+            while time.time() < deadline and proc.poll() is None and not list(backups.glob("[!.]*.npz")):
                 time.sleep(0.05)
             assert proc.poll() is None, "repro finished before it could be killed"
             os.killpg(proc.pid, signal.SIGKILL)

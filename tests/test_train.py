@@ -184,8 +184,7 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path)
     deadline = time.time() + 300
     # Kill once at least two epochs are backed up.
     while time.time() < deadline and proc.poll() is None:
-        done = [json.loads(h.read_text()) for h in history.glob("*/history.json")] if history.exists() else []
-        if done and len(done[0]["epochs"]) >= 2:
+        if backed_up_epochs(history) >= 2:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training finished before it could be killed; make the run longer"
@@ -203,22 +202,34 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path)
     assert not list(tmp_path.glob("**/.*.tmp-*")), "no temporaries of a killed write are left behind"
 
 
+def backed_up_epochs(root: Path) -> int:
+    """Epochs in the (single) completed backup under ``root``; temporaries start with a dot."""
+    done = list(root.glob("[!.]*.npz")) if root.exists() else []
+    if not done:
+        return 0
+    try:
+        with np.load(done[0]) as saved:
+            return len(json.loads(str(saved["history"]))["epochs"])
+    except (FileNotFoundError, ValueError, OSError):  # replaced or removed while we looked
+        return 0
+
+
 def test_a_backup_save_cut_short_by_a_kill_is_ignored_and_cleared(tmp_path):
-    # SIGKILL can land inside Backup.save: its temporary directory stays beside the last whole backup.
+    # SIGKILL can land inside Backup.save: its temporary file stays beside the last whole backup.
     p = small(**{"model.dropout": 0.2})
     model, _ = loop.build(p, (64,), 10, 100)
     backup = train.Backup(tmp_path / "backup", "key")
     backup.save(model, loop.History(epochs=[{"loss": 1.0}], seconds=[0.5]))
-    cut_short = tmp_path / "backup" / ".key.tmp-killed"
-    cut_short.mkdir()
-    (cut_short / "state.npz").write_bytes(b"half a file")
-    other_run = tmp_path / "backup" / ".other.tmp-running"  # another key's save in progress: not ours to touch
-    other_run.mkdir()
+    assert backed_up_epochs(tmp_path / "backup") == 1
+    cut_short = tmp_path / "backup" / ".key.npz.tmp-killed.npz"
+    cut_short.write_bytes(b"half a file")
+    other_run = tmp_path / "backup" / ".other.npz.tmp-running.npz"  # another key's save in progress: not ours
+    other_run.write_bytes(b"")
 
     resumed = backup.load(model)
     assert resumed is not None and resumed.epochs == [{"loss": 1.0}]
     assert not cut_short.exists() and other_run.exists()
-    other_run.rmdir()
+    other_run.unlink()
     backup.clear()
     assert not (tmp_path / "backup").exists()
 

@@ -127,15 +127,17 @@ def backup_key(params: Params, fingerprint: dict[str, str]) -> str:
 
 
 class Backup:
-    """The state after the last completed epoch, and the history up to it.
+    """The state after the last completed epoch, and the history up to it, in one file.
 
     Every variable is saved: weights, batch-norm statistics, the dropout layers' RNG state
     (which ``get_weights()`` and ``.keras`` files leave out) and the optimizer's moments, step
     count and current rate, so a resumed run follows exactly the path of an uninterrupted one.
+    One file, because replacing a file is atomic: a kill at any moment leaves either the
+    previous epoch's backup or this one, never neither.
     """
 
     def __init__(self, root: Path, key: str) -> None:
-        self.dir = root / key
+        self.path = root / f"{key}.npz"
         self.root = root
 
     @staticmethod
@@ -144,26 +146,26 @@ class Backup:
         return [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
 
     def save(self, model: keras.Model, history: loop.History) -> None:
-        with atomic_dir(self.dir) as tmp:
-            values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
-            np.savez(tmp / "state.npz", **values)
-            (tmp / "history.json").write_text(json.dumps({"epochs": history.epochs, "seconds": history.seconds}))
+        values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
+        state = json.dumps({"epochs": history.epochs, "seconds": history.seconds})
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, history=np.array(state), **values)
 
     def load(self, model: keras.Model) -> loop.History | None:
-        remove_outputs(*temporaries(self.dir))  # a save cut short by a kill; the last whole one stays
-        if not (self.dir / "history.json").is_file():
+        remove_outputs(*temporaries(self.path))  # a save cut short by a kill; the last whole one stays
+        if not self.path.is_file():
             return None
         variables = self._variables(model)
-        with np.load(self.dir / "state.npz") as saved:
-            if len(saved.files) != len(variables):
+        with np.load(self.path) as saved:
+            if len(saved.files) != len(variables) + 1:
                 return None  # another architecture under the same key: start afresh
             for i, var in enumerate(variables):
                 var.assign(saved[f"v{i}"])
-        state = json.loads((self.dir / "history.json").read_text())
+            state = json.loads(str(saved["history"]))
         return loop.History(epochs=state["epochs"], seconds=state["seconds"])
 
     def clear(self) -> None:
-        remove_outputs(self.dir)
+        remove_outputs(self.path)
         if self.root.is_dir() and not any(self.root.iterdir()):
             self.root.rmdir()
 
@@ -236,7 +238,7 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     # Counted now: fit() appends this run's epochs to the very History object it resumes.
     epochs_before = len(resumed.epochs) if resumed is not None else 0
     if resumed is not None:
-        print(f"resuming from the backup of epoch {epochs_before} in {backup.dir}")
+        print(f"resuming from the backup of epoch {epochs_before} in {backup.path}")
 
     with tempfile.TemporaryDirectory() as scratch:
         callbacks, best_path = _callbacks(params, Path(scratch))
