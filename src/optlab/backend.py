@@ -29,7 +29,7 @@ def threads() -> int:
 
 # Keras imports these at start-up only for integrations optlab never uses (scikit-learn
 # wrappers, pandas inputs, image files, model diagrams, image galleries, RemoteMonitor). Keeping
-# them out of Keras's import saves about 110 MB of memory and 1.5 s per training process; each
+# them out of Keras's import saves about 110 MB of memory and 1.8 s per training process; each
 # is still imported normally by the code that needs it (evaluate's metrics, the plot stage).
 KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib", "PIL", "pydot", "requests")
 
