@@ -1,5 +1,6 @@
-"""Shared test set-up: Keras on the JAX backend (optlab's default), quiet TensorFlow, and
-helpers that build small prepared data sets from real data (scikit-learn's digits)."""
+"""Shared test set-up: Keras on the JAX backend (optlab's default), quiet TensorFlow, helpers
+that build small prepared data sets from real data (scikit-learn's digits), and real
+Fashion-MNIST from whichever genuine source the machine has."""
 
 from __future__ import annotations
 
@@ -66,6 +67,56 @@ def run_stage(script: str, *args: str, cwd: Path, env: dict | None = None, timeo
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# --- real Fashion-MNIST -------------------------------------------------------------------
+REAL_DATA_HELP = """real Fashion-MNIST is needed by this test, and no genuine copy is reachable here:
+  - OPTLAB_DATA_DIR: {data_dir}
+  - {system}: {system_state}
+  - download into {cache}: {download}
+Provide it in one of these ways, then run the tests again:
+  1. Debian or Ubuntu: sudo apt-get install {package}
+     (it installs the four files in {system});
+  2. anywhere: download {names}
+     from {url} (or github.com/zalandoresearch/fashion-mnist) into one directory,
+     and export OPTLAB_DATA_DIR=/that/directory;
+  3. or give this machine network access once: the files are then kept in {cache}."""
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_files() -> tuple[str, dict[str, Path]]:
+    """The four genuine Fashion-MNIST files, checksum-verified, from the first source the
+    download stage itself would use: OPTLAB_DATA_DIR, Debian's package, the download cache or
+    the canonical download. Fails (never skips) with how to provide them when none is reachable.
+
+    Session-scoped, so it runs before any test's monkeypatching and sees the user's environment.
+    """
+    from optlab import datasets
+    from optlab.errors import OptlabError
+
+    spec = datasets.DATASETS["fashion_mnist"]
+    try:
+        source, paths = datasets.locate(spec)
+        for file in spec.files:
+            datasets.verify(paths[file.name], file)
+        return source, paths
+    except OptlabError as exc:
+        failure = str(exc)
+    data_dir = os.environ.get("OPTLAB_DATA_DIR")
+    system = spec.system_dirs[0]
+    pytest.fail(
+        REAL_DATA_HELP.format(
+            data_dir=f"{data_dir} (lacks the files)" if data_dir else "not set",
+            system=system,
+            system_state="present, but see below" if system.is_dir() else "absent",
+            cache=datasets.cache_dir() / spec.name,
+            download=failure if len(failure) < 300 else failure[:300] + "...",
+            package=spec.system_package,
+            names=", ".join(f.name for f in spec.files),
+            url=spec.files[0].url.rsplit("/", 1)[0] + "/",
+        ),
+        pytrace=False,
     )
 
 

@@ -1,7 +1,8 @@
 """The dataset registry and the download stage, on tiny archives in the real formats.
 
-Downloads go through pooch from a local HTTP server, the same code path as a real download;
-the one real dataset used is Debian's Fashion-MNIST, installed on the dev machines and in CI.
+Downloads go through pooch from a local HTTP server, the same code path as a real download.
+The one real dataset used is Fashion-MNIST, from whichever genuine source the machine has
+(``fashion_mnist_files`` in conftest.py); Debian's layout is tested on a directory built here.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from optlab.params import DATASET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "download.py"
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 NOWHERE = "http://127.0.0.1:9"  # discard port: any download attempt from a local source fails loudly
 
 
@@ -172,15 +172,40 @@ def test_data_dir_is_used_without_any_network(server, tmp_path, monkeypatch):
     assert_arrays(data, server.expected["mnist"])
 
 
-def test_real_debian_fashion_mnist():
-    # Installed on dev machines and in CI (apt: fashion-mnist); its absence is a failure, not a skip.
-    assert DEBIAN.is_dir(), f"{DEBIAN} is missing: apt-get install dataset-fashion-mnist"
+def test_real_fashion_mnist(fashion_mnist_files, tmp_path, monkeypatch):
+    # Whatever genuine source the machine has, the download stage's loader reads the real thing.
+    source, paths = fashion_mnist_files
+    copy = tmp_path / "real"
+    copy.mkdir()
+    for path in paths.values():
+        shutil.copy(path, copy / path.name)
+    monkeypatch.setenv("OPTLAB_DATA_DIR", str(copy))
     data = load("fashion_mnist")
-    assert data.source == str(DEBIAN)
+    assert data.source == f"OPTLAB_DATA_DIR {copy}", source
     assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
     assert data.x_train.dtype == np.uint8 and data.y_train.dtype == np.uint8
     assert np.bincount(data.y_train).tolist() == [6000] * 10
     assert np.bincount(data.y_test).tolist() == [1000] * 10
+
+
+def recompress(src: Path, dst: Path) -> None:
+    """Debian's layout: the same content, gzip-compressed again (other bytes, other sha256)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.glob("*.gz")):
+        (dst / path.name).write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1, mtime=0))
+
+
+def test_a_system_directory_in_debians_layout_is_read_offline(server, tmp_path):
+    # Debian re-compressed the .gz files: only the decompressed content matches the pinned hashes.
+    debian = tmp_path / "usr/share/datasets/fashion-mnist"
+    recompress(server.root / "fashion_mnist", debian)
+    upstream = server.root / "fashion_mnist" / "train-images-idx3-ubyte.gz"
+    assert (debian / upstream.name).read_bytes() != upstream.read_bytes()
+    spec = dataclasses.replace(pointed("fashion_mnist", server.root / "fashion_mnist"), system_dirs=(debian,))
+    server.requests.clear()
+    data = fetch(spec)  # URLs point NOWHERE: any download attempt would fail
+    assert data.source == str(debian) and server.requests == []
+    assert_arrays(data, server.expected["fashion_mnist"])
 
 
 def test_digits_are_scaled_and_split_deterministically():
@@ -256,15 +281,17 @@ def test_pickle_that_runs_code_is_refused_before_running(tmp_path, monkeypatch):
 
 
 # --- the stage script ------------------------------------------------------------------------
-# Runs stages/download.py as __main__, optionally with registry hashes pointed at test archives,
-# and records which Keras/TensorFlow modules were imported by the end (there must be none).
+# Runs stages/download.py as __main__, optionally with registry hashes pointed at test archives
+# or a dataset's system directory moved to a test copy, and records which Keras/TensorFlow modules were imported by the end (there must be none).
 RUNNER = """
-import dataclasses, json, os, runpy, sys
+import dataclasses, json, os, pathlib, runpy, sys
 import optlab.datasets as ds
 for name, hashes in json.loads(os.environ["TEST_HASHES"]).items():
     spec = ds.DATASETS[name]
     files = tuple(dataclasses.replace(f, sha256=hashes[f.name]) for f in spec.files)
     ds.DATASETS[name] = dataclasses.replace(spec, files=files, system_dirs=())
+for name, directory in json.loads(os.environ.get("TEST_SYSTEM_DIRS", "{}")).items():
+    ds.DATASETS[name] = dataclasses.replace(ds.DATASETS[name], system_dirs=(pathlib.Path(directory),))
 sys.argv = [os.environ["TEST_STAGE"], *sys.argv[1:]]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -293,22 +320,20 @@ def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
-def test_stage_output_is_identical_from_debian_and_from_a_data_dir(tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(DEBIAN, copy)
-    debian = run_stage(tmp_path / "a", "dataset: fashion_mnist\n")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b/params.yaml").write_text("dataset: fashion_mnist\n")
-    mine = subprocess.run(  # the script itself, exactly as dvc.yaml runs it
-        [sys.executable, str(STAGE), "--params", "params.yaml", "--out", "data/raw"],
-        cwd=tmp_path / "b",
-        env={**os.environ, "OPTLAB_DATA_DIR": str(copy)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_stage_output_is_identical_from_debian_and_from_a_data_dir(fashion_mnist_files, tmp_path):
+    # The same real files, once in Debian's re-compressed layout as the system directory and once
+    # as they were found, through OPTLAB_DATA_DIR: the stage writes the same bytes either way.
+    _, paths = fashion_mnist_files
+    copy, debian_dir = tmp_path / "copy", tmp_path / "debian"
+    copy.mkdir()
+    for path in paths.values():
+        shutil.copy(path, copy / path.name)
+    recompress(copy, debian_dir)
+    systems = json.dumps({"fashion_mnist": str(debian_dir)})
+    debian = run_stage(tmp_path / "a", "dataset: fashion_mnist\n", TEST_SYSTEM_DIRS=systems)
+    mine = run_stage(tmp_path / "b", "dataset: fashion_mnist\n", OPTLAB_DATA_DIR=str(copy))
     assert debian.returncode == 0 and mine.returncode == 0, debian.stderr + mine.stderr
-    assert str(DEBIAN) in debian.stdout and f"OPTLAB_DATA_DIR {copy}" in mine.stdout
+    assert str(debian_dir) in debian.stdout and f"OPTLAB_DATA_DIR {copy}" in mine.stdout
     assert len(debian.stdout.strip().splitlines()) == 1
     out_a, out_b = tmp_path / "a/data/raw", tmp_path / "b/data/raw"
     assert digest(out_a) == digest(out_b)

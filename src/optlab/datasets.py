@@ -55,6 +55,7 @@ class DatasetSpec:
     files: tuple[RemoteFile, ...]
     parse: Callable[[DatasetSpec, Mapping[str, Path]], Arrays]  # called with verified files only
     system_dirs: tuple[Path, ...] = ()
+    system_package: str = ""  # the Debian package that installs the files in system_dirs
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPTLAB_CACHE_DIR") or pooch.os_cache("optlab"))
 
 
-def _download(file: RemoteFile, into: Path) -> Path:
+def _download(file: RemoteFile, into: Path, package: str = "") -> Path:
     # pooch can only check the hash of the bytes it downloads; gunzipped hashes are checked by verify().
     known = None if file.gunzipped else f"sha256:{file.sha256}"
     try:
@@ -112,7 +113,8 @@ def _download(file: RemoteFile, into: Path) -> Path:
     except requests.RequestException as exc:
         raise OptlabError(
             f"cannot download {file.url}: {exc}. Check the network, or put {file.name} in a "
-            "directory and point OPTLAB_DATA_DIR at it."
+            "directory and point OPTLAB_DATA_DIR at it"
+            + (f", or install Debian's package: sudo apt-get install {package}." if package else ".")
         ) from None
     except ValueError as exc:  # pooch's checksum failure; it has already deleted the download
         raise OptlabError(f"download of {file.url} failed: {exc}") from None
@@ -134,7 +136,7 @@ def locate(spec: DatasetSpec) -> tuple[str, dict[str, Path]]:
             return label, paths
     cache = cache_dir() / spec.name
     cached = all((cache / f.name).is_file() for f in spec.files)
-    paths = {f.name: _download(f, cache) for f in spec.files}
+    paths = {f.name: _download(f, cache, spec.system_package) for f in spec.files}
     return (f"download cache {cache}" if cached else f"download into {cache}"), paths
 
 
@@ -305,7 +307,8 @@ DATASETS: dict[str, DatasetSpec] = {
             )
         ),
         parse=parse_idx,
-        system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),  # Debian's dataset-fashion-mnist package
+        system_dirs=(Path("/usr/share/datasets/fashion-mnist"),),
+        system_package="dataset-fashion-mnist",
     ),
     "mnist": DatasetSpec(
         name="mnist",
