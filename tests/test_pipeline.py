@@ -308,12 +308,19 @@ def test_exp_run_rmsprop_reruns_training_only_and_is_compared_with_the_baseline(
         assert accuracy["old"] == pytest.approx(project.baseline["test"]["accuracy"])
         assert accuracy["new"] == pytest.approx(exp_test["accuracy"])
 
-        # dvc plots diff renders both runs' curves and confusion matrices into one page.
+        # dvc plots diff renders both runs' curves and confusion matrices into one page, and the
+        # figures optlab draws, one image per revision.
         html_dir = tmp_path / "plots-diff"
         project.dvc("plots", "diff", "HEAD", name, "-o", str(html_dir))
         html = (html_dir / "index.html").read_text()
         assert f'"rev": "{name}"' in html and '"rev": "HEAD"' in html
         assert "metrics/train/plots/metrics/val/accuracy.tsv" in html and "metrics/confusion.csv" in html
+        for rev in ("HEAD", name):
+            image = f"static/{rev}_plots_learning_curves.png"
+            assert f'src="{image}"' in html, html[-3000:]
+            assert (html_dir / image).read_bytes().startswith(b"\x89PNG")
+        assert (html_dir / "static/HEAD_plots_learning_curves.png").read_bytes() != (
+            html_dir / f"static/{name}_plots_learning_curves.png").read_bytes()
 
 
 # --- 5. SGD --------------------------------------------------------------------------------
