@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import runpy
 import tempfile
 import time
@@ -22,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from optlab.params import PrepareParams
-from optlab.prepare import RawData, prepare, stratified_split
+from optlab.artifacts import RawData, RawMeta, save_raw
+from optlab.params import load_params
+from optlab.prepare import prepare, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 SCALINGS = ("minus_one_one", "zero_one", "standardize")
@@ -36,11 +36,11 @@ def synthetic_cifar10() -> RawData:
         y_train=rng.integers(0, 10, 50_000).astype(np.uint8),
         x_test=rng.integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8),
         y_test=rng.integers(0, 10, 10_000).astype(np.uint8),
-        meta={"dataset": "cifar10", "classes": [str(k) for k in range(10)], "image_shape": [32, 32, 3]},
+        meta=RawMeta(dataset="cifar10", classes=[str(k) for k in range(10)], image_shape=(32, 32, 3)),
     )
 
 
-def naive(raw: RawData, params: PrepareParams) -> dict[str, np.ndarray]:
+def naive(raw: RawData, params) -> dict[str, np.ndarray]:
     """The notebook recipe: copy the splits out, scale in float64, cast at the end."""
     train, val = stratified_split(raw.y_train, params.val_fraction, params.seed)
     x = {"train": raw.x_train[train], "val": raw.x_train[val], "test": raw.x_test}
@@ -65,9 +65,7 @@ def best_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def stage_runner(raw: RawData, root: Path, scaling: str) -> Callable[[], None]:
     (root / "data/raw").mkdir(parents=True, exist_ok=True)
-    for name in ("x_train", "y_train", "x_test", "y_test"):
-        np.save(root / "data/raw" / f"{name}.npy", getattr(raw, name))
-    (root / "data/raw/meta.json").write_text(json.dumps(raw.meta))
+    save_raw(raw, root / "data/raw")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.update(dataset="cifar10", prepare={**params["prepare"], "scale": scaling})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -90,9 +88,9 @@ def main() -> None:
     print(f"{'scale':<15}{'prepare()':>12}{'naive':>12}{'stage':>12}   (seconds, best of {args.repeats})")
     with tempfile.TemporaryDirectory() as tmp:
         for scaling in SCALINGS:
-            params = PrepareParams(scale=scaling)
-            ours = best_seconds(lambda: prepare(raw, params), args.repeats)
-            plain = best_seconds(lambda: naive(raw, params), args.repeats)
+            params = load_params(REPO / "params.yaml", {"prepare.scale": scaling}).prepare
+            ours = best_seconds(lambda params=params: prepare(raw, params), args.repeats)
+            plain = best_seconds(lambda params=params: naive(raw, params), args.repeats)
             stage = best_seconds(stage_runner(raw, Path(tmp) / scaling, scaling), args.repeats)
             print(f"{scaling:<15}{ours:>12.2f}{plain:>12.2f}{stage:>12.2f}")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+
+from optlab.artifacts import META, PreparedMeta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +40,9 @@ def synthetic(directory: Path, n: int, d: int = 3072) -> int:
         x.flush()
         del x
         np.save(directory / f"y_{split}.npy", rng.integers(0, 10, rows).astype(np.int32))
-    meta = {"dataset": "cifar10", "classes": [str(i) for i in range(10)], "image_shape": [32, 32, 3]}
-    (directory / "meta.json").write_text(json.dumps(meta))
+    meta = PreparedMeta(dataset="cifar10", classes=[str(i) for i in range(10)], image_shape=(32, 32, 3),
+                        scale="minus_one_one", flatten=True, val_fraction=0.1, split_seed=0)  # fmt: skip
+    (directory / META).write_text(meta.model_dump_json(exclude_none=True))
     return n * d * 4
 
 
@@ -68,11 +70,17 @@ def measure(n: int = 50_000, epochs: int = 1) -> dict:
         peaks = {}
         for name, rows in (("fixed", max(n // 100, 100)), ("full", n)):
             data_bytes = synthetic(work / name, rows)
-            cmd = [sys.executable, str(REPO / "stages/train.py"), "--data", name, "--model", f"{name}.keras", "--live", f"live-{name}"]
+            cmd = [sys.executable, str(REPO / "stages/train.py"), "--data", name, "--model", f"{name}.keras",
+                   "--live", f"live-{name}", "--backup", "backup", "--tensorboard-logs", "logs"]  # fmt: skip
             peaks[name] = child_peak_mb(cmd, work)
     data_mb, peak, fixed = data_bytes / 2**20, peaks["full"], peaks["fixed"]
-    return {"data_mb": round(data_mb), "peak_rss_mb": round(peak), "ratio": round(peak / data_mb, 2),
-            "fixed_mb": round(fixed), "ratio_above_fixed": round((peak - fixed) / data_mb, 2)}
+    return {
+        "data_mb": round(data_mb),
+        "peak_rss_mb": round(peak),
+        "ratio": round(peak / data_mb, 2),
+        "fixed_mb": round(fixed),
+        "ratio_above_fixed": round((peak - fixed) / data_mb, 2),
+    }
 
 
 def main() -> None:
@@ -81,8 +89,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     args = ap.parse_args()
     r = measure(args.n, args.epochs)
-    print(f"training images {r['data_mb']} MB; train stage peak RSS {r['peak_rss_mb']} MB ({r['ratio']:.2f}x the data); "
-          f"on 1% of the data {r['fixed_mb']} MB (the fixed cost); above it {r['ratio_above_fixed']:.2f}x the data")
+    print(
+        f"training images {r['data_mb']} MB; train stage peak RSS {r['peak_rss_mb']} MB ({r['ratio']:.2f}x the data); "
+        f"on 1% of the data {r['fixed_mb']} MB (the fixed cost); above it {r['ratio_above_fixed']:.2f}x the data"
+    )
     print(json.dumps(r))
 
 

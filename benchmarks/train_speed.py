@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 HIDDEN = [128, 64]
 BATCH = 32
 LR = 1e-3
@@ -34,17 +35,15 @@ LR = 1e-3
 
 def write_data(directory: Path) -> None:
     """Fashion-MNIST through optlab's own download and prepare code: [-1, 1], flat, 10% validation."""
-    from optlab.datasets import load, write_raw
-    from optlab.params import validate_params
-    from optlab.prepare import load_raw, prepare
+    from optlab import artifacts, datasets
+    from optlab.params import load_params
+    from optlab.prepare import prepare
 
     (directory / "raw").mkdir()
-    write_raw(load("fashion_mnist"), directory / "raw")
-    params = validate_params({"prepare": {"scale": "minus_one_one", "flatten": True, "val_fraction": 0.1}})
-    prepared = prepare(load_raw(directory / "raw"), params.prepare)
-    for name, array in prepared.arrays.items():
-        np.save(directory / f"{name}.npy", array)
-    (directory / "meta.json").write_text(json.dumps(prepared.meta))
+    artifacts.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
+    params = load_params(REPO / "params.yaml", {"prepare.scale": "minus_one_one", "prepare.flatten": True,
+                                                "prepare.val_fraction": 0.1})  # fmt: skip
+    artifacts.save_prepared(prepare(artifacts.load_raw(directory / "raw"), params.prepare), directory)
 
 
 # --- the variants, each run as `python train_speed.py --worker NAME DATA EPOCHS` -------------------
@@ -58,7 +57,11 @@ def reference(data: Path, epochs: int, backend: str) -> dict:
     xt, yt = np.load(data / "x_test.npy"), np.load(data / "y_test.npy")
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
-        [keras.Input((x.shape[1],)), *[keras.layers.Dense(u, activation="relu") for u in HIDDEN], keras.layers.Dense(10, activation="softmax")]
+        [
+            keras.Input((x.shape[1],)),
+            *[keras.layers.Dense(u, activation="relu") for u in HIDDEN],
+            keras.layers.Dense(10, activation="softmax"),
+        ]
     )
     model.compile(optimizer=keras.optimizers.Adam(LR), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     times: list[float] = []
@@ -74,25 +77,23 @@ def reference(data: Path, epochs: int, backend: str) -> dict:
 def optlab_loop(data: Path, epochs: int) -> dict:
     """optlab's train stage code path with the recipe's hyper-parameters."""
     from optlab.backend import configure
-    from optlab.params import validate_params
+    from optlab.params import load_params
 
-    params = validate_params(
-        {
-            "dataset": "fashion_mnist",
-            "optimizer": "adam",
-            "schedule": "constant",
-            "optim": {"adam": {"learning_rate": LR}},
-            "model": {"name": "mlp", "hidden": HIDDEN, "dropout": 0.0, "activation": "relu"},
-            "train": {"epochs": epochs, "batch_size": BATCH, "backend": "jax", "loop": "compiled"},
-        }
-    )
+    params = load_params(REPO / "params.yaml", {
+        "dataset": "fashion_mnist", "optimizer": "adam", "schedule": "constant", "optim.adam.learning_rate": LR,
+        "model.name": "mlp", "model.hidden": HIDDEN, "model.dropout": 0.0, "model.activation": "relu",
+        "model.batch_norm": False, "model.l2": 0.0, "train.epochs": epochs, "train.batch_size": BATCH,
+        "train.backend": "jax", "train.loop": "compiled",
+    })  # fmt: skip
     configure(params.train.backend)
-    from optlab import loop
+    from optlab import artifacts
+    from optlab.loop import Loop
 
-    train, val, test = (loop.load_split(data, s) for s in ("train", "val", "test"))
-    model, steps = loop.build(params, train.x.shape[1:], 10, len(train.y))
-    history = loop.fit(model, train, val, params, steps)
-    return {"epoch_seconds": history.seconds, "test_accuracy": loop.evaluate(model, test, params)["accuracy"]}
+    data = artifacts.load_prepared(data)
+    train, val, test = (data.splits[s] for s in artifacts.SPLITS)
+    loop = Loop.build(params, data.meta.input_shape, len(data.meta.classes), len(train.y))
+    history = loop.fit(train, val)
+    return {"epoch_seconds": history.seconds, "test_accuracy": loop.measure(test)["accuracy"]}
 
 
 REFERENCE_BACKEND = os.environ.get("OPTLAB_BENCH_REFERENCE_BACKEND", "tensorflow")
@@ -149,7 +150,9 @@ def main() -> None:
     print(f"{'variant':<16}{'s/epoch':>10}{'first epoch s':>15}{'test acc':>10}{'speed-up':>10}")
     ref = results["reference"]["s_per_epoch"]
     for name, r in results.items():
-        print(f"{name:<16}{r['s_per_epoch']:>10.3f}{r['epoch_seconds'][0]:>15.2f}{r['test_accuracy']:>10.4f}{ref / r['s_per_epoch']:>9.1f}x")
+        speedup = ref / r["s_per_epoch"]
+        row = f"{r['s_per_epoch']:>10.3f}{r['epoch_seconds'][0]:>15.2f}{r['test_accuracy']:>10.4f}{speedup:>9.1f}x"
+        print(f"{name:<16}{row}")
     summary = {
         "reference_s_per_epoch": round(ref, 4),
         "optlab_s_per_epoch": round(results["optlab"]["s_per_epoch"], 4),

@@ -3,25 +3,25 @@ and save it as uint8 .npy arrays plus meta.json (see optlab.datasets for the sou
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pathlib import Path
 
-from optlab.datasets import load, write_raw
+from optlab import artifacts, datasets, stage
 from optlab.outputs import atomic_dir
 from optlab.params import load_params
-from optlab.stage import parser, run
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = parser(__doc__)
-    p.add_argument("--out", required=True, help="output directory (x_train.npy ... meta.json)")
+def main(argv=None) -> None:
+    p = stage.parser(__doc__)
+    p.add_argument("--out", type=Path, required=True, help="raw data directory (output)")
     args = p.parse_args(argv)
+
     params = load_params(args.params)
-    data = load(params.dataset)
+    data = datasets.load(params.dataset)
     with atomic_dir(args.out) as tmp:
-        write_raw(data, tmp)
-    n_train, n_test = len(data.x_train), len(data.x_test)
-    print(f"download: {data.name} from {data.source}: {n_train} train + {n_test} test images -> {args.out}")
+        artifacts.save_raw(data.raw, tmp)
+    raw = data.raw
+    print(f"download: {raw.meta.dataset} from {data.source}: {len(raw.y_train)} train + {len(raw.y_test)} test images")
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(stage.run(main))

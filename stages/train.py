@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from optlab import stage
 from optlab.backend import configure
 from optlab.params import load_params
-from optlab.stage import parser, run
 
 
 def main(argv=None) -> None:
-    p = parser(__doc__)
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--model", required=True, help="where to write the trained .keras model")
-    p.add_argument("--live", required=True, help="dvclive directory: per-epoch history and summary metrics")
+    p = stage.parser(__doc__)
+    p.add_argument("--data", type=Path, required=True, help="prepared data directory (input)")
+    p.add_argument("--model", type=Path, required=True, help="the trained .keras model (output)")
+    p.add_argument("--live", type=Path, required=True, help="dvclive directory: history, summary, run.json (output)")
+    p.add_argument("--backup", type=Path, required=True, help="per-epoch resume state (not a DVC output)")
+    p.add_argument("--tensorboard-logs", type=Path, required=True, help="TensorBoard logs, if train.tensorboard")
     args = p.parse_args(argv)
 
     params = load_params(args.params)  # validates everything before any work
-    configure(params.train.backend)  # must precede the first Keras import
+    configure(params.train.backend)  # before anything imports Keras
     from optlab import train
 
-    summary = train.run(params, args.data, args.model, args.live)
+    summary = train.run(params, args.data, args.model, args.live, args.backup, args.tensorboard_logs)
     print(", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":
-    raise SystemExit(run(main))
+    raise SystemExit(stage.run(main))

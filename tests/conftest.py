@@ -4,7 +4,6 @@ Fashion-MNIST from whichever genuine source the machine has."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -24,14 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def repo_params(**overrides) -> dict:
     """The repository's params.yaml as a dict, with dotted-key overrides applied."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return raw
+    from optlab.params import read_raw, set_dotted
+
+    return set_dotted(read_raw(REPO / "params.yaml"), overrides)
 
 
 def write_params(path: Path, raw: dict) -> Path:
@@ -40,9 +34,11 @@ def write_params(path: Path, raw: dict) -> Path:
 
 
 def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None = None) -> Path:
-    """A prepared-data directory (the prepare stage's contract) from the real digits set."""
+    """A prepared-data directory (the prepare stage's artifact) from the real digits set."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from optlab.artifacts import PreparedData, PreparedMeta, Split, save_prepared
 
     d = load_digits()
     x = (d.images.astype(np.float32) / 8.0 - 1.0)[..., None]  # 0..16 -> [-1, 1], (N, 8, 8, 1)
@@ -51,22 +47,47 @@ def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None =
     x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest, test_size=0.15, stratify=y_rest, random_state=0)
     if n_train:
         x_train, y_train = x_train[:n_train], y_train[:n_train]
+    splits = {
+        name: Split(np.ascontiguousarray(xs.reshape(len(xs), -1) if flatten else xs), ys)
+        for name, xs, ys in (("train", x_train, y_train), ("val", x_val, y_val), ("test", x_test, y_test))
+    }
+    meta = PreparedMeta(
+        dataset="digits",
+        classes=[str(i) for i in range(10)],
+        image_shape=(8, 8, 1),
+        scale="minus_one_one",
+        flatten=flatten,
+        val_fraction=0.15,
+        split_seed=0,
+    )
     directory.mkdir(parents=True, exist_ok=True)
-    for name, arr in dict(x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test).items():
-        if name.startswith("x") and flatten:
-            arr = arr.reshape(len(arr), -1)
-        np.save(directory / f"{name}.npy", np.ascontiguousarray(arr))
-    meta = {"dataset": "digits", "classes": [str(i) for i in range(10)], "image_shape": [8, 8, 1], "flatten": flatten}
-    (directory / "meta.json").write_text(json.dumps(meta))
+    save_prepared(PreparedData(splits, meta), directory)
     return directory
 
 
-def run_stage(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def stage_args(stage: str) -> list[str]:
+    """The options dvc.yaml gives ``stages/<stage>.py`` on its command line."""
+    import shlex
+
+    from optlab.pipeline import Pipeline
+
+    words = shlex.split(Pipeline.load(REPO).stages[stage]["cmd"])
+    assert words[:2] == ["python", f"stages/{stage}.py"], words
+    return words[2:]
+
+
+def run_stage(
+    script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``stages/<script>.py`` as DVC would, in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

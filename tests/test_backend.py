@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 from conftest import REPO
-
 from optlab.backend import KERAS_EXTRAS
 
 
@@ -41,3 +40,41 @@ def test_a_library_imported_before_is_left_in_place():
         "print(array_slicing.pandas is pandas)"
     )
     assert out == "True"
+
+
+def test_saving_a_model_on_jax_does_not_import_tensorflow(tmp_path):
+    # Guards the one private Keras attribute optlab sets (checked against Keras 3.15): Keras's
+    # lazy `tensorflow` module caches its availability in `_available`, and saving a model asks it.
+    out = _python(
+        "import sys; from optlab.backend import configure; configure('jax'); import keras\n"
+        "from keras.src.utils import module_utils\n"
+        "assert type(module_utils.tensorflow).__name__ == 'LazyModule', type(module_utils.tensorflow)\n"
+        "assert module_utils.tensorflow._available is False and module_utils.tensorflow.available is False\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])\n"
+        f"m.save({str(tmp_path / 'm.keras')!r}); keras.saving.load_model({str(tmp_path / 'm.keras')!r})\n"
+        "print('tensorflow' in sys.modules)"
+    )
+    assert out == "False"
+
+
+def test_importing_a_keras_module_before_choosing_a_backend_is_refused():
+    env_free = "import os; os.environ.pop('KERAS_BACKEND', None)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", env_free + "import optlab.models"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in __import__("os").environ.items() if k != "KERAS_BACKEND"},
+    )
+    assert proc.returncode != 0
+    assert "optlab.models imports Keras, but no Keras backend was chosen yet" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_configure_refuses_a_keras_already_loaded_with_another_backend():
+    out = _python(
+        "import os; os.environ['KERAS_BACKEND'] = 'jax'; import keras\n"
+        "from optlab.backend import configure\n"
+        "from optlab.errors import OptlabError\n"
+        "try:\n    configure('tensorflow')\nexcept OptlabError as e:\n    print(str(e)[:60])"
+    )
+    assert out.startswith("Keras was already imported with the 'jax' backend"), out

@@ -14,16 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from optlab import cli, compare
-from optlab.compare import Group, Run, group_runs, incomparable_reasons, summarize, welch
+from optlab import cli, compare, experiments, stats
+from optlab.compare import incomparable_reasons
 from optlab.errors import OptlabError
+from optlab.experiments import Group, Run, group_runs
+from optlab.pipeline import Pipeline
+from optlab.stats import describe, welch
 
 # --- a real, fast DVC project ----------------------------------------------------------------
 # The stage writes what optlab's train and evaluate stages write: test accuracy is a base per
 # optimizer plus a seed-dependent offset, so the expected ranking and verdicts are known.
 FAKE_TRAIN = textwrap.dedent(
     """
-    import json, math, os, yaml
+    import json, math, os, sys, yaml
+    live = sys.argv[sys.argv.index("--live") + 1]
     p = yaml.safe_load(open("params.yaml"))
     BASE = {"adam": 0.88, "rmsprop": 0.90, "sgd": 0.80}
     NOISE = [0.01, -0.01, 0.0, 0.005, -0.005]
@@ -35,17 +39,23 @@ FAKE_TRAIN = textwrap.dedent(
     params = sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     for split, name, values in [("val", "accuracy", curve), ("val", "loss", [1 - c for c in curve]),
                                 ("train", "loss", [0.9 - c for c in curve])]:
-        os.makedirs(f"metrics/train/plots/metrics/{split}", exist_ok=True)
-        with open(f"metrics/train/plots/metrics/{split}/{name}.tsv", "w") as f:
+        os.makedirs(f"{live}/plots/metrics/{split}", exist_ok=True)
+        with open(f"{live}/plots/metrics/{split}/{name}.tsv", "w") as f:
             f.write(f"step\\t{name}\\n" + "".join(f"{i}\\t{v}\\n" for i, v in enumerate(values)))
     spe = 0.5 * (1 + hidden[0] / 64)
     json.dump({"train": {"loss": 0.2, "accuracy": best + 0.02}, "val": {"loss": 1 - best, "accuracy": best},
                "learning_rate": 0.001, "step": epochs - 1, "trainable_params": params, "epochs_run": epochs,
-               "best_epoch": epochs, "train_seconds": spe * epochs, "seconds_per_epoch": spe},
-              open("metrics/train/metrics.json", "w"))
+               "best_epoch": epochs, "inference_train_accuracy": best + 0.02}, open(f"{live}/metrics.json", "w"))
+    json.dump({"timings": {"train_seconds": spe * epochs, "seconds_per_epoch": spe}}, open(f"{live}/run.json", "w"))
+    """
+)
+FAKE_EVALUATE = textwrap.dedent(
+    """
+    import json, sys
+    out = sys.argv[sys.argv.index("--metrics") + 1]
+    best = json.load(open("metrics/train/metrics.json"))["val"]["accuracy"]
     json.dump({"accuracy": best, "loss": 1 - best, "f1_macro": best - 0.01, "f1_weighted": best - 0.005,
-               "top_k_accuracy": 0.99, "top_k": 3, "train_accuracy": best + 0.02, "val_accuracy": best,
-               "generalization_gap": 0.02, "per_class": {}}, open("metrics/test.json", "w"))
+               "top_k_accuracy": 0.99, "top_k": 3, "generalization_gap": 0.02, "per_class": {}}, open(out, "w"))
     """
 )
 FAKE_PREPARE = textwrap.dedent(
@@ -56,6 +66,8 @@ FAKE_PREPARE = textwrap.dedent(
     open(os.path.join(sys.argv[1], "x.txt"), "w").write(f"{p['dataset']} {p['prepare']}\\n")
     """
 )
+# optlab's layout: the tools find the test metrics, the live directory and the prepared data by
+# the evaluate and train stages' command-line options.
 DVC_YAML = textwrap.dedent(
     """
     stages:
@@ -65,12 +77,15 @@ DVC_YAML = textwrap.dedent(
         params: [dataset, prepare]
         outs: [data/prepared]
       train:
-        cmd: python train.py
+        cmd: python train.py --data data/prepared --live metrics/train
         deps: [train.py, data/prepared]
         params: [seed, optimizer, model, train]
         outs:
           - metrics/train:
               cache: false
+      evaluate:
+        cmd: python evaluate.py --metrics metrics/test.json
+        deps: [evaluate.py, metrics/train/metrics.json]
         metrics:
           - metrics/test.json:
               cache: false
@@ -128,6 +143,7 @@ def make_project(path: Path, commit: bool = True) -> Path:
     (path / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     (path / "prepare.py").write_text(FAKE_PREPARE)
     (path / "train.py").write_text(FAKE_TRAIN)
+    (path / "evaluate.py").write_text(FAKE_EVALUATE)
     (path / "dvc.yaml").write_text(DVC_YAML)
     dvc(path, "repro", "-q")
     if commit:
@@ -143,7 +159,7 @@ def exp_run(repo: Path, name: str, **changes) -> None:
 
 # --- statistics on known numbers -------------------------------------------------------------
 def test_summary_by_hand():
-    s = summarize([0.80, 0.82, 0.84])
+    s = describe([0.80, 0.82, 0.84])
     assert s.n == 3
     assert s.mean == pytest.approx(0.82)
     assert s.std == pytest.approx(0.02)  # sqrt((0.02^2 + 0 + 0.02^2) / 2)
@@ -152,7 +168,7 @@ def test_summary_by_hand():
 
 
 def test_summary_of_one_value_has_no_spread():
-    s = summarize([0.9])
+    s = describe([0.9])
     assert s.mean == 0.9 and math.isnan(s.std) and math.isnan(s.ci_low)
 
 
@@ -164,13 +180,13 @@ def test_welch_clearly_significant():
     assert d.p_value < 1e-3
     half = 2.7764451051977987 * math.sqrt(2 * 0.0001 / 3)  # t(0.975, df=4)
     assert (d.ci_low, d.ci_high) == pytest.approx((0.10 - half, 0.10 + half))
-    assert compare.verdict(d) == "better, larger than seed noise"
+    assert stats.verdict(d) == "better, larger than seed noise"
 
 
 def test_welch_clearly_not_significant():
     d = welch([0.80, 0.84, 0.82, 0.83], [0.81, 0.85, 0.80, 0.82])
     assert d.tested and d.p_value > 0.5 and d.ci_low < 0 < d.ci_high
-    assert compare.verdict(d) == "within seed noise"
+    assert stats.verdict(d) == "within seed noise"
 
 
 def test_welch_unequal_variances_uses_satterthwaite_df():
@@ -184,22 +200,22 @@ def test_welch_needs_three_seeds_each():
     d = welch([0.90, 0.91], [0.80, 0.81, 0.82])
     assert not d.tested and math.isnan(d.p_value)
     assert d.diff == pytest.approx(0.905 - 0.81)
-    assert compare.verdict(d) == "not enough seeds"
+    assert stats.verdict(d) == "not enough seeds"
 
 
 def test_welch_without_any_seed_noise_says_why():
     d = welch([0.9] * 3, [0.8] * 3)
-    assert not d.tested and "seed" in compare.verdict(d)
+    assert not d.tested and "seed" in stats.verdict(d)
 
 
 def test_holm_step_down():
-    assert compare.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
 
 
 def test_time_to_reach_and_mean_curve():
-    assert compare.time_to_reach([0.5, 0.7, 0.9], 2.0, 0.7) == 4.0  # epoch 2 x 2 s
-    assert compare.time_to_reach([0.5, 0.6], 2.0, 0.7) is None
-    m = compare.mean_curve([[0.5, 0.7, 0.9], [0.7, 0.9]])  # the second seed stopped early
+    assert stats.time_to_reach([0.5, 0.7, 0.9], 2.0, 0.7) == 4.0  # epoch 2 x 2 s
+    assert stats.time_to_reach([0.5, 0.6], 2.0, 0.7) is None
+    m = stats.mean_curve([[0.5, 0.7, 0.9], [0.7, 0.9]])  # the second seed stopped early
     assert m["mean"].tolist() == pytest.approx([0.6, 0.8, 0.9])
     assert m["n"].tolist() == [2, 2, 1] and m.index.tolist() == [1, 2, 3]
 
@@ -207,8 +223,14 @@ def test_time_to_reach_and_mean_curve():
 # --- grouping and the refusal rule -----------------------------------------------------------
 def run(seed=0, acc=0.8, data="d1", code="c1", **params) -> Run:
     p = {"dataset": "fashion_mnist", "seed": seed, "optimizer": "adam", "train.epochs": 4, "prepare.val_fraction": 0.1}
-    return Run(rev=f"{seed}{params}{data}", name=f"r{seed}", params={**p, **params}, metrics={"accuracy": acc},
-               data_hash=data, code_hash=code)
+    return Run(
+        rev=f"{seed}{params}{data}",
+        name=f"r{seed}",
+        params={**p, **params},
+        metrics={"accuracy": acc},
+        data_hash=data,
+        code_hash=code,
+    )
 
 
 def test_runs_differing_only_by_seed_group_together():
@@ -285,7 +307,7 @@ def test_compare_end_to_end(project, capsys):
     # rmsprop's mean is the best, but two seeds are too few to say it beats the baseline.
     assert [r[1] for r in ranking] == ["optimizer=rmsprop", "baseline", "optimizer=sgd"]
     assert [r[2] for r in ranking] == ["2", "3", "3"]
-    assert ranking[1][3] == f"{(0.875 + 0.89 + 0.87) / 3:.4f} ± {summarize([0.875, 0.89, 0.87]).std:.4f}"
+    assert ranking[1][3] == f"{(0.875 + 0.89 + 0.87) / 3:.4f} ± {describe([0.875, 0.89, 0.87]).std:.4f}"
 
     verdicts = {r[0]: r[-1] for r in _rows(report, "Against the baseline")}
     assert verdicts == {
@@ -323,7 +345,7 @@ def test_compare_user_errors(project, tmp_path, capsys):
 
 
 def test_exp_show_records_carry_params_metrics_and_data_hash(project):
-    states = list(compare.iter_states(compare.exp_show(project)))
+    states = list(experiments.iter_states(experiments.exp_show(project)))
     names = {s["name"] for s in states}
     assert {"adam-1", "sgd-2", "long"} <= names
     sgd = next(s for s in states if s["name"] == "sgd-2")
@@ -331,6 +353,13 @@ def test_exp_show_records_carry_params_metrics_and_data_hash(project):
     assert sgd["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"] == pytest.approx(0.81)
     assert sgd["data"]["deps"]["data/prepared"]["hash"].endswith(".dir")
     assert json.dumps(sgd, default=str)  # the same shape as `dvc exp show --json`
+
+
+PIPELINE = Pipeline(
+    {"train": {"cmd": "python stages/train.py --data data/prepared --live metrics/train"},
+     "evaluate": {"cmd": "python stages/evaluate.py --metrics metrics/test.json"}},
+    Path("dvc.yaml"),
+)  # fmt: skip
 
 
 def _state(seed: int, history_hash: str) -> dict:
@@ -353,7 +382,15 @@ def _state(seed: int, history_hash: str) -> dict:
 
 
 def test_a_dependency_inside_an_output_is_a_result_not_code():
-    runs = [compare.run_from_state(_state(seed, f"hist{seed}")) for seed in range(3)]
+    runs = [experiments.run_from_state(_state(seed, f"hist{seed}"), PIPELINE) for seed in range(3)]
     assert len({r.code_hash for r in runs}) == 1
     assert "src/optlab/train.py" in runs[0].code_hash and "metrics/train" not in runs[0].code_hash
     assert len(group_runs(runs)) == 1
+
+
+def test_the_report_states_the_threshold_it_was_given(project, tmp_path):
+    out = tmp_path / "t.md"
+    assert cli.main(["compare", "--repo", str(project), "--threshold", "0.9", "--out", str(out)]) == 0
+    report = out.read_text()
+    assert "The threshold is 90% of the best variant's best mean validation accuracy" in report
+    assert "The threshold is 95%" not in report

@@ -20,11 +20,14 @@ import sys
 import threading
 from pathlib import Path
 
-import archives
 import numpy as np
 import pytest
+import yaml
 
+import archives
+from conftest import repo_params
 from optlab import datasets
+from optlab.artifacts import RAW_ARRAYS
 from optlab.datasets import DATASETS, fetch, get_spec, load
 from optlab.errors import OptlabError
 from optlab.params import DATASET_NAMES
@@ -96,8 +99,8 @@ def pointed(name: str, directory: Path, base_url: str = NOWHERE) -> datasets.Dat
 
 
 def assert_arrays(data: datasets.Dataset, expected) -> None:
-    for key, want in zip(datasets.ARRAYS, expected, strict=True):
-        got = getattr(data, key)
+    for key, want in zip(RAW_ARRAYS, expected, strict=True):
+        got = getattr(data.raw, key)
         assert got.dtype == np.uint8 and got.shape == want.shape, key
         np.testing.assert_array_equal(got, want, err_msg=key)
 
@@ -137,7 +140,7 @@ def test_download_through_pooch_then_cache_hit(server, name):
     first = fetch(spec)
     assert first.source.startswith("download into") and len(server.requests) == len(spec.files)
     assert_arrays(first, server.expected[name])
-    assert first.classes == spec.classes and first.image_shape == spec.image_shape
+    assert tuple(first.raw.meta.classes) == spec.classes and first.raw.meta.image_shape == spec.image_shape
 
     server.requests.clear()
     second = fetch(spec)
@@ -182,10 +185,10 @@ def test_real_fashion_mnist(fashion_mnist_files, tmp_path, monkeypatch):
     monkeypatch.setenv("OPTLAB_DATA_DIR", str(copy))
     data = load("fashion_mnist")
     assert data.source == f"OPTLAB_DATA_DIR {copy}", source
-    assert data.x_train.shape == (60000, 28, 28, 1) and data.x_test.shape == (10000, 28, 28, 1)
-    assert data.x_train.dtype == np.uint8 and data.y_train.dtype == np.uint8
-    assert np.bincount(data.y_train).tolist() == [6000] * 10
-    assert np.bincount(data.y_test).tolist() == [1000] * 10
+    assert data.raw.x_train.shape == (60000, 28, 28, 1) and data.raw.x_test.shape == (10000, 28, 28, 1)
+    assert data.raw.x_train.dtype == np.uint8 and data.raw.y_train.dtype == np.uint8
+    assert np.bincount(data.raw.y_train).tolist() == [6000] * 10
+    assert np.bincount(data.raw.y_test).tolist() == [1000] * 10
 
 
 def recompress(src: Path, dst: Path) -> None:
@@ -210,11 +213,11 @@ def test_a_system_directory_in_debians_layout_is_read_offline(server, tmp_path):
 
 def test_digits_are_scaled_and_split_deterministically():
     data = load("digits")
-    assert data.x_train.shape == (1437, 8, 8, 1) and data.x_test.shape == (360, 8, 8, 1)
-    assert data.x_train.dtype == np.uint8 and data.x_train.max() == 255 and data.x_train.min() == 0
-    train, test = np.bincount(data.y_train), np.bincount(data.y_test)
+    assert data.raw.x_train.shape == (1437, 8, 8, 1) and data.raw.x_test.shape == (360, 8, 8, 1)
+    assert data.raw.x_train.dtype == np.uint8 and data.raw.x_train.max() == 255 and data.raw.x_train.min() == 0
+    train, test = np.bincount(data.raw.y_train), np.bincount(data.raw.y_test)
     assert np.all(np.abs(test / test.sum() - train / train.sum()) < 0.01)  # stratified
-    assert_arrays(load("digits"), [data.x_train, data.y_train, data.x_test, data.y_test])
+    assert_arrays(load("digits"), [data.raw.x_train, data.raw.y_train, data.raw.x_test, data.raw.y_test])
 
 
 # --- bad inputs, in process ---------------------------------------------------------------------
@@ -282,7 +285,8 @@ def test_pickle_that_runs_code_is_refused_before_running(tmp_path, monkeypatch):
 
 # --- the stage script ------------------------------------------------------------------------
 # Runs stages/download.py as __main__, optionally with registry hashes pointed at test archives
-# or a dataset's system directory moved to a test copy, and records which Keras/TensorFlow modules were imported by the end (there must be none).
+# or a dataset's system directory moved to a test copy, and records which Keras/TensorFlow
+# modules were imported by the end (there must be none).
 RUNNER = """
 import dataclasses, json, os, pathlib, runpy, sys
 import optlab.datasets as ds
@@ -300,6 +304,11 @@ finally:
     with open(os.environ["TEST_IMPORTS"], "w") as f:
         json.dump(heavy, f)
 """
+
+
+def params_yaml(**overrides) -> str:
+    """The repository's params.yaml with ``overrides`` (the stage validates the whole file)."""
+    return yaml.safe_dump(repo_params(**overrides), sort_keys=False)
 
 
 def run_stage(cwd: Path, params: str, hashes: dict | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -330,8 +339,8 @@ def test_stage_output_is_identical_from_debian_and_from_a_data_dir(fashion_mnist
         shutil.copy(path, copy / path.name)
     recompress(copy, debian_dir)
     systems = json.dumps({"fashion_mnist": str(debian_dir)})
-    debian = run_stage(tmp_path / "a", "dataset: fashion_mnist\n", TEST_SYSTEM_DIRS=systems)
-    mine = run_stage(tmp_path / "b", "dataset: fashion_mnist\n", OPTLAB_DATA_DIR=str(copy))
+    debian = run_stage(tmp_path / "a", params_yaml(dataset="fashion_mnist"), TEST_SYSTEM_DIRS=systems)
+    mine = run_stage(tmp_path / "b", params_yaml(dataset="fashion_mnist"), OPTLAB_DATA_DIR=str(copy))
     assert debian.returncode == 0 and mine.returncode == 0, debian.stderr + mine.stderr
     assert str(debian_dir) in debian.stdout and f"OPTLAB_DATA_DIR {copy}" in mine.stdout
     assert len(debian.stdout.strip().splitlines()) == 1
@@ -349,21 +358,21 @@ def test_stage_output_is_identical_from_debian_and_from_a_data_dir(fashion_mnist
 def _bad_data_dir(kind: str, root: Path) -> tuple[str, dict, dict]:
     """(params, registry hashes to pin, extra env) for one kind of bad input."""
     if kind == "unknown dataset":
-        return "dataset: cifar11\n", {}, {}
+        return params_yaml(dataset="cifar11"), {}, {}
     if kind == "mistyped key":
-        return "datset: mnist\n", {}, {}
+        return params_yaml(datset="mnist"), {}, {}
     data = root / "data_dir"
     if kind == "hash mismatch":
         archives.mnist_npz(data)
-        return "dataset: mnist\n", {}, {"OPTLAB_DATA_DIR": str(data)}
+        return params_yaml(dataset="mnist"), {}, {"OPTLAB_DATA_DIR": str(data)}
     if kind == "truncated archive":
         archives.cifar10(data)
         archives.truncate(data / "cifar-10-python.tar.gz")
-        return "dataset: cifar10\n", {}, {"OPTLAB_DATA_DIR": str(data)}
+        return params_yaml(dataset="cifar10"), {}, {"OPTLAB_DATA_DIR": str(data)}
     if kind == "pickle runs code":
         archives.cifar10(data, replace={"data_batch_1": archives.malicious_pickle(root / "pwned")})
         hashes = {"cifar10": {"cifar-10-python.tar.gz": sha256(data / "cifar-10-python.tar.gz")}}
-        return "dataset: cifar10\n", hashes, {"OPTLAB_DATA_DIR": str(data)}
+        return params_yaml(dataset="cifar10"), hashes, {"OPTLAB_DATA_DIR": str(data)}
     raise ValueError(kind)
 
 

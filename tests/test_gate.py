@@ -14,6 +14,8 @@ import pytest
 from optlab import cli, gate
 from optlab.errors import OptlabError
 
+FILE = "metrics/test.json"  # what the evaluate stage's --metrics names in the test repository
+
 
 def diff(old, new) -> dict:
     # The shape `dvc metrics diff <rev> --all --json` prints (DVC 3.67).
@@ -37,22 +39,22 @@ def diff(old, new) -> dict:
     ],
 )
 def test_verdicts(old, new, passed):
-    result = gate.evaluate(diff(old, new), max_drop=0.01)
+    result = gate.judge(diff(old, new), FILE, max_drop=0.01)
     assert result.passed is passed, result.reason
 
 
 def test_metric_absent_on_both_sides_fails():
-    result = gate.evaluate({"metrics/train/metrics.json": {"step": {"old": 1, "new": 1}}})
+    result = gate.judge({"metrics/train/metrics.json": {"step": {"old": 1, "new": 1}}}, FILE)
     assert not result.passed and "missing on both sides" in result.reason
 
 
 def test_negative_threshold_is_a_user_error():
     with pytest.raises(OptlabError, match="--max-drop"):
-        gate.evaluate(diff(0.8, 0.8), max_drop=-0.1)
+        gate.judge(diff(0.8, 0.8), FILE, max_drop=-0.1)
 
 
 def test_summary_is_a_markdown_table():
-    md = gate.summary_markdown(gate.evaluate(diff(0.87, 0.84)), "origin/main")
+    md = gate.summary_markdown(gate.judge(diff(0.87, 0.84), FILE), "origin/main", FILE)
     assert md.startswith("### Regression gate ❌ failed")
     assert "| `metrics/test.json:accuracy` | 0.8700 | 0.8400 | -0.0300 | 0.0100 |" in md
     assert "Accuracy dropped by 0.0300, more than the allowed 0.0100." in md
@@ -72,7 +74,11 @@ def repo(tmp_path_factory) -> Path:
     sh(path, "git", "config", "user.name", "optlab test")
     sh(path, "git", "config", "user.email", "test@optlab.invalid")
     sh(path, sys.executable, "-m", "dvc", "init", "-q")
-    (path / "dvc.yaml").write_text("metrics:\n  - metrics/test.json\n")
+    # The gate reads the test metrics' path from the evaluate stage's command line, as in optlab.
+    (path / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: python evaluate.py --metrics metrics/test.json\n"
+        "    metrics:\n      - metrics/test.json:\n          cache: false\n"
+    )
     (path / "metrics").mkdir()
     (path / "metrics/test.json").write_text(json.dumps({"accuracy": 0.87, "loss": 0.4}))
     sh(path, "git", "add", "-A")
@@ -122,7 +128,13 @@ def test_ci_workflow_runs_the_gate_on_pull_requests():
     steps = job["steps"]
     assert steps[0]["with"]["fetch-depth"] == 0
     runs = "\n".join(step.get("run", "") for step in steps)
-    for command in ("make test", "make repro", 'dvc metrics diff "origin/$BASE" --md', "optlab compare",
-                    'optlab gate --baseline "origin/$BASE"', "gh pr comment"):
+    for command in (
+        "make test",
+        "make repro",
+        'dvc metrics diff "origin/$BASE" --md',
+        "optlab compare",
+        'optlab gate --baseline "origin/$BASE"',
+        "gh pr comment",
+    ):
         assert command in runs
     assert "|| echo" in next(s["run"] for s in steps if "dataset-fashion-mnist" in s.get("run", ""))

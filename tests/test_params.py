@@ -4,12 +4,14 @@ names the key and says what to write instead; every stage exits 2 on it."""
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, repo_params, run_stage, write_params
+from pydantic import BaseModel
 
+from conftest import REPO, repo_params, run_stage, stage_args, write_params
 from optlab.params import (
     DATASET_NAMES,
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
+    Params,
     ParamsError,
     load_params,
     validate_params,
@@ -54,7 +56,12 @@ def test_bad_values_are_refused_with_the_key_and_the_fix(override, expected):
 
 @pytest.mark.parametrize(
     "raw_key,suggestion",
-    [("optimizr", "'optimizer'"), ("model.hiden", "'model.hidden'"), ("optim.adam.lr", None), ("train.epoch", "'train.epochs'")],
+    [
+        ("optimizr", "'optimizer'"),
+        ("model.hiden", "'model.hidden'"),
+        ("optim.adam.lr", None),
+        ("train.epoch", "'train.epochs'"),
+    ],
 )
 def test_unknown_keys_are_refused_with_a_suggestion_and_the_valid_keys(raw_key, suggestion):
     raw = repo_params()
@@ -94,17 +101,31 @@ def test_every_stage_exits_2_on_a_typo_before_touching_its_inputs(tmp_path, stag
     raw = repo_params()
     raw["model"]["hiden"] = [32]
     write_params(tmp_path / "params.yaml", raw)
-    args = {
-        "download": ["--out", "data/raw"],
-        "prepare": ["--raw", "data/raw", "--out", "data/prepared", "--summary", "metrics/data.json"],
-        "train": ["--data", "data/prepared", "--model", "models/model.keras", "--live", "metrics/train"],
-        "evaluate": ["--data", "data/prepared", "--model", "models/model.keras", "--metrics", "m.json",
-                     "--confusion", "c.csv", "--predictions", "p.npy"],
-        "plot": ["--raw", "data/raw", "--data", "data/prepared", "--history", "metrics/train",
-                 "--test-metrics", "m.json", "--predictions", "p.npy", "--out", "plots"],
-    }[stage]
+    args = stage_args(stage)  # exactly as dvc.yaml runs it, paths relative to tmp_path
     proc = run_stage(stage, *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "model.hiden: unknown key. Did you mean 'model.hidden'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing else was written"
+
+
+def _fields(model, prefix=""):
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def test_params_yaml_is_the_one_place_experiment_values_live():
+    # The schema holds types and ranges, no values: a key missing from params.yaml is an error,
+    # never a silent default that runs another experiment.
+    with_defaults = [key for key, field in _fields(Params) if not field.is_required()]
+    assert with_defaults == [], f"schema defaults for experiment keys: {with_defaults}"
+    raw = repo_params()
+    del raw["train"]["epochs"]
+    with pytest.raises(ParamsError, match="train.epochs: Field required"):
+        validate_params(raw)
+    # ...and params.yaml sets every key the schema knows.
+    assert load_params(REPO / "params.yaml").model_dump()

@@ -14,7 +14,19 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import stage_args
 from optlab import metrics, plotting
+from optlab.artifacts import (
+    HISTORY,
+    PreparedData,
+    PreparedMeta,
+    RawData,
+    RawMeta,
+    Split,
+    read_history,
+    save_prepared,
+    save_raw,
+)  # fmt: skip
 from optlab.errors import OptlabError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +49,8 @@ def write_history(live: Path, epochs: int = 8, lr_decay: float = 0.5) -> None:
         path = live / "plots" / "metrics" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         column = Path(rel).stem
-        lines = ["timestamp\tstep\t" + column] + [f"{1700000000 + s}\t{s}\t{v}" for s, v in zip(steps, values)]
+        rows = [f"{1700000000 + s}\t{s}\t{v}" for s, v in zip(steps, values, strict=True)]
+        lines = ["timestamp\tstep\t" + column, *rows]
         path.write_text("\n".join(lines) + "\n")
 
 
@@ -65,9 +78,9 @@ def assert_png(path: Path, min_px: int = 300, max_px: int = 3000) -> None:
 # --- the figures -----------------------------------------------------------------------------
 def test_read_history_counts_epochs_from_one(tmp_path):
     write_history(tmp_path, epochs=5)
-    history = plotting.read_history(tmp_path)
+    history = read_history(tmp_path)
     assert list(history.index) == [1, 2, 3, 4, 5]
-    assert set(history.columns) == set(plotting.HISTORY_FILES)
+    assert set(history.columns) == set(HISTORY)
     assert history.loc[1, "learning_rate"] == pytest.approx(1e-3)
 
 
@@ -75,13 +88,13 @@ def test_read_history_names_the_missing_file(tmp_path):
     write_history(tmp_path)
     (tmp_path / "plots" / "metrics" / "val" / "accuracy.tsv").unlink()
     with pytest.raises(OptlabError, match=r"val/accuracy\.tsv not found.*dvc repro"):
-        plotting.read_history(tmp_path)
+        read_history(tmp_path)
 
 
 @pytest.mark.parametrize("epochs, lr_decay", [(8, 0.5), (1, 1.0), (60, 0.95)])
 def test_history_figures(tmp_path, epochs, lr_decay):
     write_history(tmp_path / "live", epochs=epochs, lr_decay=lr_decay)
-    history = plotting.read_history(tmp_path / "live")
+    history = read_history(tmp_path / "live")
     plotting.learning_curves(history, tmp_path / "learning_curves.png")
     plotting.learning_rate(history, tmp_path / "learning_rate.png")
     assert_png(tmp_path / "learning_curves.png")
@@ -91,7 +104,7 @@ def test_history_figures(tmp_path, epochs, lr_decay):
 @pytest.mark.parametrize("n_classes, channels", [(10, 1), (100, 3)])
 def test_test_set_figures(tmp_path, n_classes, channels):
     classes, y, probs, images = fake_test_set(n_classes, n=5 * n_classes, channels=channels)
-    summary = metrics.evaluate(y, probs, classes, top_k=3)
+    summary = metrics.test_metrics(y, probs, classes, top_k=3)
     cm = metrics.confusion(y, probs.argmax(axis=1), n_classes)
     plotting.confusion_matrix(cm, classes, tmp_path / "confusion_matrix.png")
     plotting.per_class_f1(summary["per_class"], summary["f1_macro"], tmp_path / "per_class_f1.png")
@@ -146,24 +159,23 @@ NO_KERAS_WRAPPER = textwrap.dedent(
     sys.exit(rc or (3 if heavy else 0))
     """
 )
-STAGE_ARGS = [
-    "--params", "params.yaml", "--raw", "data/raw", "--data", "data/prepared", "--history", "metrics/train",
-    "--test-metrics", "metrics/test.json", "--predictions", "data/predictions.npy", "--out", "plots",
-]  # fmt: skip
+STAGE_ARGS = stage_args("plot")  # as dvc.yaml runs it
 
 
 def write_stage_inputs(root: Path, n_classes: int, channels: int) -> None:
+    """What the stage reads, written by the artifact writers the other stages use."""
     classes, y, probs, images = fake_test_set(n_classes, n=3 * n_classes, channels=channels)
-    for name in ("raw", "prepared"):
-        (root / "data" / name).mkdir(parents=True)
-        meta = {"dataset": "cifar100", "classes": classes, "image_shape": [28, 28, channels]}
-        (root / "data" / name / "meta.json").write_text(json.dumps(meta))
-    np.save(root / "data" / "raw" / "x_test.npy", images)
-    np.save(root / "data" / "raw" / "y_test.npy", y)
-    np.save(root / "data" / "prepared" / "y_test.npy", y)
+    shape = (28, 28, channels)
+    (root / "data/raw").mkdir(parents=True)
+    raw_meta = RawMeta(dataset="cifar100", classes=classes, image_shape=shape)
+    save_raw(RawData(images[:0], y[:0], images, y, raw_meta), root / "data/raw")
+    (root / "data/prepared").mkdir(parents=True)
+    meta = PreparedMeta(**raw_meta.model_dump(), scale="zero_one", flatten=False, val_fraction=0.1, split_seed=0)
+    splits = {s: Split((images / 255).astype(np.float32), y) for s in ("train", "val", "test")}
+    save_prepared(PreparedData(splits, meta), root / "data/prepared")
     np.save(root / "data" / "predictions.npy", probs)
     write_history(root / "metrics" / "train")
-    summary = metrics.evaluate(y, probs, classes, top_k=3)
+    summary = metrics.test_metrics(y, probs, classes, top_k=3)
     (root / "metrics" / "test.json").write_text(json.dumps(summary))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["plot"]["confused_images"] = 9

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from optlab import cli, experiments
+from optlab.pipeline import Pipeline
+
 # The fake pipeline and its helpers live with the compare tests (tests/ is not a package, so
 # pytest puts this directory on sys.path).
 from test_compare import dvc, exp_run, git_identity, git_init, make_project, sh
 
-from optlab import cli, compare
-
 
 def _states(repo: Path) -> dict[str, dict]:
-    return {s["name"]: s for s in compare.iter_states(compare.exp_show(repo))}
+    return {s["name"]: s for s in experiments.iter_states(experiments.exp_show(repo))}
 
 
 def test_experiment_round_trip_between_machines(tmp_path):
@@ -52,7 +53,9 @@ def test_experiment_round_trip_between_machines(tmp_path):
     assert got["rev"] == sent["rev"]
     for key in ("params", "metrics", "deps"):
         assert got["data"][key] == sent["data"][key], key
-    assert compare.read_curve(b, got["rev"]) == compare.read_curve(a, sent["rev"])
+    assert experiments.read_curve(b, got["rev"], Pipeline.load(b)) == experiments.read_curve(
+        a, sent["rev"], Pipeline.load(a)
+    )
 
     # The experiment's prepared data came through the DVC remote, not from A's disk.
     dvc(b, "exp", "apply", "shared")

@@ -1,7 +1,9 @@
 """Choose and configure the Keras backend before Keras is imported.
 
 Keras reads ``KERAS_BACKEND`` once, at import, so stages call :func:`configure` right after
-loading params and before importing anything that imports Keras.
+loading params and before importing anything that imports Keras. optlab's modules that import
+Keras call :func:`require_chosen` first: imported before any backend was chosen, they stop
+with a message instead of letting Keras silently load its default backend.
 """
 
 from __future__ import annotations
@@ -67,20 +69,39 @@ def _skip_tensorflow_probe() -> None:
         return
     from keras.src.utils import module_utils  # imports Keras, after KERAS_BACKEND is set
 
+    # Private Keras attribute, checked against Keras 3.15: LazyModule caches its import result
+    # in `_available`. tests/test_backend.py fails if the attribute or its meaning changes.
     module_utils.tensorflow._available = False
+
+
+def require_chosen(module: str) -> None:
+    """Refuse to let ``module`` import Keras before a backend was chosen.
+
+    Keras falls back to TensorFlow when ``KERAS_BACKEND`` is unset, so a stage that imported a
+    Keras-using module before :func:`configure` would train on the wrong backend, silently.
+    """
+    if "keras" not in sys.modules and not os.environ.get("KERAS_BACKEND"):
+        raise OptlabError(
+            f"{module} imports Keras, but no Keras backend was chosen yet: call "
+            "optlab.backend.configure(params.train.backend) before importing it "
+            "(every stage does so right after loading params), or set KERAS_BACKEND"
+        )
 
 
 def configure(backend: str) -> None:
     """Select ``backend`` for Keras and cap its CPU threads to ``OPTLAB_THREADS`` if set.
 
     Two queued experiments on a 2-core machine each run with OPTLAB_THREADS=1, so they share
-    the cores instead of fighting over them.
+    the cores instead of fighting over them. On TensorFlow, ops run deterministically, so the
+    same params and seed give the same numbers, as on JAX.
     """
-    if "keras" in sys.modules and os.environ.get("KERAS_BACKEND", backend) != backend:
-        raise OptlabError(
-            f"Keras is already imported with backend {os.environ.get('KERAS_BACKEND')!r}; "
-            f"cannot switch to {backend!r} in the same process"
-        )
+    if "keras" in sys.modules:
+        loaded = sys.modules["keras"].backend.backend()
+        if loaded != backend:
+            raise OptlabError(
+                f"Keras was already imported with the {loaded!r} backend, so this process cannot train with "
+                f"{backend!r}: call optlab.backend.configure() before anything imports Keras"
+            )
     os.environ["KERAS_BACKEND"] = backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     n = threads()
@@ -88,11 +109,18 @@ def configure(backend: str) -> None:
         # XLA:CPU runs one thread pool; pin it to n threads.
         flags = os.environ.get("XLA_FLAGS", "")
         if n and "intra_op_parallelism_threads" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
+            os.environ["XLA_FLAGS"] = (
+                f"{flags} --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={n}".strip()
+            )
         # JAX grabs no GPU memory up front when a GPU is present (other processes may share it).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         import_keras()
         _skip_tensorflow_probe()
-    elif backend == "tensorflow" and n:
-        os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
-        os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
+    elif backend == "tensorflow":
+        if n:
+            os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
+            os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
+        import tensorflow as tf
+
+        # Same kernels, same order of float additions: bit-identical reruns on one machine.
+        tf.config.experimental.enable_op_determinism()

@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=compare.THRESHOLD_FRACTION,
         help="time-to-reach threshold: this fraction of the best variant's best mean validation accuracy "
-        "(default: 0.95)",
+        "(default: %(default)s)",
     )
 
     g = sub.add_parser("gate", help="fail when test accuracy drops below the baseline's")
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-drop",
         type=float,
         default=gate.MAX_DROP,
-        help="largest allowed drop in metrics/test.json:accuracy, absolute (default: 0.01, i.e. one point)",
+        help="largest allowed drop in the evaluate stage's test accuracy, absolute (default: %(default)s, one point)",
     )
     g.add_argument("--repo", default=".", help="the DVC repository (default: .)")
     return p

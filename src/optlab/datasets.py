@@ -10,7 +10,8 @@ Sources are tried in order, with no network call until the last one:
    it, so parallel workers sharing the cache never see a half-written file.
 
 Every file is hashed before it is parsed: whatever its source, a file is read only if it is
-byte-for-byte the one that was pinned. No Keras import here (the download stage must stay light).
+byte-for-byte the one that was pinned. The result is the raw-data artifact
+(:class:`optlab.artifacts.RawData`). No Keras import here (the download stage must stay light).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ import numpy as np
 import pooch
 import requests
 
+from optlab.artifacts import RawData, RawMeta
 from optlab.errors import OptlabError
-from optlab.outputs import write_json
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # x_train, y_train, x_test, y_test
 
@@ -60,17 +61,8 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Dataset:
-    name: str
-    classes: tuple[str, ...]
-    x_train: np.ndarray  # uint8 (N, H, W, C)
-    y_train: np.ndarray  # uint8 (N,)
-    x_test: np.ndarray
-    y_test: np.ndarray
+    raw: RawData
     source: str  # where the files were found, for the log line only (never written to outputs)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.x_train.shape[1:])
 
 
 # --- integrity -----------------------------------------------------------------------------
@@ -397,7 +389,8 @@ def fetch(spec: DatasetSpec) -> Dataset:
         ) from None
     _check(spec, *arrays)
     x_train, y_train, x_test, y_test = arrays
-    return Dataset(spec.name, spec.classes, x_train, y_train.astype(np.uint8), x_test, y_test.astype(np.uint8), source)
+    meta = RawMeta(dataset=spec.name, classes=list(spec.classes), image_shape=spec.image_shape)
+    return Dataset(RawData(x_train, y_train.astype(np.uint8), x_test, y_test.astype(np.uint8), meta), source)
 
 
 def _check(spec: DatasetSpec, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> None:
@@ -413,18 +406,3 @@ def _check(spec: DatasetSpec, x_train: np.ndarray, y_train: np.ndarray, x_test: 
 
 def load(name: str) -> Dataset:
     return fetch(get_spec(name))
-
-
-# --- the raw-data directory (the download stage's output) -------------------------------------
-ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-def write_raw(data: Dataset, out: Path) -> None:
-    """Write the arrays as .npy and meta.json (read back by ``optlab.prepare.load_raw``).
-
-    Nothing source-dependent goes in, so every source gives byte-identical outputs and DVC's
-    cache sees one result."""
-    for key in ARRAYS:
-        np.save(out / f"{key}.npy", np.ascontiguousarray(getattr(data, key), dtype=np.uint8), allow_pickle=False)
-    meta = {"dataset": data.name, "classes": list(data.classes), "image_shape": list(data.image_shape)}
-    write_json(out / "meta.json", meta)

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from optlab.errors import OptlabError
+from optlab.pipeline import Pipeline
 
-METRIC_FILE = "metrics/test.json"  # the evaluate stage's metrics, as dvc.yaml names them
 METRIC_KEY = "accuracy"
 MAX_DROP = 0.01  # absolute test accuracy, e.g. 0.870 -> 0.860 still passes
 # A drop of exactly --max-drop passes; without this slack 0.87 - 0.86 > 0.01 in floating point.
@@ -43,9 +43,7 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def evaluate(
-    diff: dict[str, Any], max_drop: float = MAX_DROP, file: str = METRIC_FILE, key: str = METRIC_KEY
-) -> GateResult:
+def judge(diff: dict[str, Any], file: str, max_drop: float = MAX_DROP, key: str = METRIC_KEY) -> GateResult:
     """Judge one metric in ``dvc metrics diff --all --json`` output."""
     if max_drop < 0:
         raise OptlabError(f"--max-drop must be >= 0, got {max_drop}")
@@ -83,7 +81,7 @@ def _cell(value: float | None, sign: bool = False) -> str:
     return "missing" if value is None else (f"{value:+.4f}" if sign else f"{value:.4f}")
 
 
-def summary_markdown(result: GateResult, baseline: str, file: str = METRIC_FILE, key: str = METRIC_KEY) -> str:
+def summary_markdown(result: GateResult, baseline: str, file: str, key: str = METRIC_KEY) -> str:
     """A short PR comment: the verdict, the numbers and the reason."""
     status = "✅ passed" if result.passed else "❌ failed"
     change = _cell(result.change, sign=True)
@@ -102,5 +100,7 @@ def summary_markdown(result: GateResult, baseline: str, file: str = METRIC_FILE,
 
 
 def gate(baseline: str, max_drop: float = MAX_DROP, repo: str | Path = ".") -> tuple[GateResult, str]:
-    result = evaluate(metrics_diff(baseline, repo), max_drop)
-    return result, summary_markdown(result, baseline)
+    """Judge the evaluate stage's test metrics (the file dvc.yaml names) against ``baseline``."""
+    file = Pipeline.load(repo).test_metrics
+    result = judge(metrics_diff(baseline, repo), file, max_drop)
+    return result, summary_markdown(result, baseline, file)

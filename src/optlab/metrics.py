@@ -136,7 +136,7 @@ def most_confused(cm: np.ndarray, class_names: Sequence[str], n: int = 10) -> li
     ]
 
 
-def evaluate(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], top_k: int) -> dict[str, object]:
+def test_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str], top_k: int) -> dict[str, object]:
     """The test-set summary the evaluate stage writes: flat numbers plus ``per_class``."""
     n_classes = len(class_names)
     y_true = check_labels(y_true, n_classes)

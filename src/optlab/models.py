@@ -8,14 +8,19 @@ about 9 s per process, even on the JAX backend).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
-import keras
-from keras import layers
+from optlab.backend import require_chosen
 
-from optlab.errors import OptlabError
-from optlab.params import ModelParams
+require_chosen(__name__)
+import keras  # noqa: E402  (after the backend check)
+from keras import layers  # noqa: E402
 
+from optlab.errors import OptlabError  # noqa: E402
+from optlab.params import ModelParams  # noqa: E402
+
+INFERENCE_ROWS = 1024  # examples per inference batch: memory only, the results do not depend on it
 INITIALIZERS = {"he_normal": keras.initializers.HeNormal, "glorot_uniform": keras.initializers.GlorotUniform}
 
 
@@ -107,13 +112,15 @@ def build_cnn(input_shape: Sequence[int], n_classes: int, p: ModelParams, seed: 
 MODELS: dict[str, Callable[..., keras.Model]] = {"mlp": build_mlp, "cnn": build_cnn}
 
 
-def build_model(input_shape: Sequence[int], n_classes: int, p: ModelParams, seed: int) -> keras.Model:
-    try:
-        builder = MODELS[p.name]
-    except KeyError:
-        raise OptlabError(f"unknown model '{p.name}'; choose one of: {', '.join(MODELS)}") from None
-    return builder(input_shape, n_classes, p, seed)
+def build_model(p: ModelParams, input_shape: Sequence[int], n_classes: int, seed: int) -> keras.Model:
+    """The uncompiled model ``p.name`` names (params validation has checked the name)."""
+    return MODELS[p.name](input_shape, n_classes, p, seed)
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """What every optlab model is trained on: cross-entropy over integer labels, and accuracy."""
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
 def trainable_params(model: keras.Model) -> int:
-    return int(sum(int(v.numpy().size) for v in model.trainable_variables))
+    return sum(math.prod(v.shape) for v in model.trainable_variables)

@@ -1,18 +1,24 @@
 """Optimizers and learning-rate schedules, chosen by name.
 
-``build_optimizer`` turns params into a Keras optimizer whose ``learning_rate`` is either a
-float or a ``keras.optimizers.schedules`` object stepped once per batch. Schedules are
-written in epochs in params.yaml (what people reason in) and converted to steps here.
+``build_schedule`` turns the ``schedule`` params into a float or a
+``keras.optimizers.schedules`` object stepped once per batch (params.yaml speaks in epochs, what
+people reason in; it is converted to steps here), and ``build_optimizer`` gives the Keras
+optimizer named by ``optimizer`` that rate. The caller keeps the schedule to log the rate the
+optimizer really applied (:class:`AppliedRate`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import keras
-from keras.optimizers import schedules
+from optlab.backend import require_chosen
 
-from optlab.params import Params
+require_chosen(__name__)
+import keras  # noqa: E402  (after the backend check)
+import numpy as np  # noqa: E402
+from keras.optimizers import schedules  # noqa: E402
+
+from optlab.params import Params  # noqa: E402
 
 OPTIMIZERS: dict[str, type[keras.optimizers.Optimizer]] = {
     "adam": keras.optimizers.Adam,
@@ -21,6 +27,8 @@ OPTIMIZERS: dict[str, type[keras.optimizers.Optimizer]] = {
     "adamw": keras.optimizers.AdamW,
     "nadam": keras.optimizers.Nadam,
 }
+
+Rate = float | schedules.LearningRateSchedule
 
 
 def _constant(lr: float, args, steps_per_epoch: int, epochs: int) -> float:
@@ -59,7 +67,7 @@ def _warmup_cosine(lr: float, args, steps_per_epoch: int, epochs: int) -> schedu
     )
 
 
-SCHEDULES: dict[str, Callable[..., float | schedules.LearningRateSchedule]] = {
+SCHEDULES: dict[str, Callable[..., Rate]] = {
     "constant": _constant,
     "step": _step,
     "exponential": _exponential,
@@ -69,12 +77,45 @@ SCHEDULES: dict[str, Callable[..., float | schedules.LearningRateSchedule]] = {
 }
 
 
-def build_optimizer(params: Params, steps_per_epoch: int, epochs: int) -> keras.optimizers.Optimizer:
-    """The optimizer named by ``params.optimizer`` with its knobs, driven by ``params.schedule``."""
-    knobs = params.optimizer_args.model_dump()
-    lr = knobs.pop("learning_rate")
-    learning_rate = SCHEDULES[params.schedule](lr, params.schedule_args, steps_per_epoch, epochs)
+def build_schedule(params: Params, steps_per_epoch: int) -> Rate:
+    """The learning rate ``params.schedule`` makes of the optimizer's ``learning_rate``."""
+    lr = params.optimizer_args.learning_rate
+    return SCHEDULES[params.schedule](lr, params.schedule_args, steps_per_epoch, params.train.epochs)
+
+
+def build_optimizer(params: Params, learning_rate: Rate) -> keras.optimizers.Optimizer:
+    """The optimizer named by ``params.optimizer``, with its knobs and ``learning_rate``."""
+    knobs = params.optimizer_args.model_dump(exclude={"learning_rate"})
     return OPTIMIZERS[params.optimizer](learning_rate=learning_rate, **knobs)
+
+
+class AppliedRate:
+    """The mean learning rate an optimizer applied over its last steps (one epoch's).
+
+    A schedule changes the rate every step (a warm-up ramps within the first epoch), so the
+    epoch's mean is what the per-epoch curve shows. A plain rate (constant, or cut by
+    ReduceLROnPlateau between epochs) is read from the optimizer.
+    """
+
+    def __init__(self, optimizer: keras.optimizers.Optimizer, rate: Rate) -> None:
+        self.optimizer, self.schedule = optimizer, rate
+        self._many = None
+        if isinstance(rate, schedules.LearningRateSchedule) and keras.backend.backend() == "jax":
+            import jax
+
+            # Called eagerly, a schedule compiles a fresh `cond` on every call: ~2 s per epoch.
+            self._many = jax.jit(jax.vmap(rate))
+
+    def mean_over_last(self, steps: int) -> float:
+        if not isinstance(self.schedule, schedules.LearningRateSchedule):
+            return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
+        end = int(keras.ops.convert_to_numpy(self.optimizer.iterations))
+        at = np.arange(max(0, end - steps), max(end, 1), dtype="float32")
+        if self._many is not None:
+            return float(np.mean(np.asarray(self._many(at))))
+        # Other backends: the mean over up to 32 evenly spaced steps (exact for constant pieces).
+        sample = np.unique(np.linspace(at[0], at[-1], num=min(len(at), 32)).round())
+        return float(np.mean([float(keras.ops.convert_to_numpy(self.schedule(float(s)))) for s in sample]))
 
 
 def mode(monitor: str) -> str:
@@ -89,9 +130,3 @@ def plateau_callback(params: Params) -> keras.callbacks.Callback | None:
     return keras.callbacks.ReduceLROnPlateau(
         monitor=a.monitor, mode=mode(a.monitor), factor=a.factor, patience=a.patience, min_lr=a.min_lr, verbose=0
     )
-
-
-def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    """The rate the optimizer applies at its current step (schedules evaluated, not returned)."""
-    lr = optimizer.learning_rate  # Keras evaluates a schedule at `iterations` here
-    return float(keras.ops.convert_to_numpy(lr))

@@ -4,6 +4,10 @@ This is the one module that knows the file's layout. Every stage calls :func:`lo
 first, so a typo or an out-of-range value stops the pipeline before any data is downloaded or
 any model is built, with a message that names the key and says what to write instead.
 
+``params.yaml`` is the experiment, and the only place its values live: the schema here has
+types and ranges but no defaults, so a file that lacks a key is refused by name instead of
+silently running another experiment (a test keeps it that way).
+
 No Keras import here: the registries' *names* are listed below and a test checks that they
 match the dicts in ``models.py`` and ``optim.py``.
 """
@@ -21,9 +25,6 @@ DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "digits")
 MODEL_NAMES = ("mlp", "cnn")
 OPTIMIZER_NAMES = ("adam", "sgd", "rmsprop", "adamw", "nadam")
 SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine", "warmup_cosine", "plateau")
-BACKEND_NAMES = ("jax", "tensorflow")
-LOOP_NAMES = ("compiled", "keras")
-MONITORS = ("val_accuracy", "val_loss")
 
 
 class ParamsError(ValueError):
@@ -41,23 +42,23 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 # --- prepare -------------------------------------------------------------------------------
 class PrepareParams(Section):
-    scale: Literal["minus_one_one", "zero_one", "standardize"] = "minus_one_one"
-    flatten: bool = True
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    seed: Annotated[int, Field(ge=0)] = 0  # the train/validation split's seed, apart from `seed`
+    scale: Literal["minus_one_one", "zero_one", "standardize"]
+    flatten: bool
+    val_fraction: Annotated[float, Field(gt=0, lt=1)]
+    seed: Annotated[int, Field(ge=0)]  # the train/validation split's seed, apart from `seed`
 
 
 # --- model ---------------------------------------------------------------------------------
 class ModelParams(Section):
-    name: str = "mlp"
-    hidden: Annotated[list[Annotated[int, Field(ge=32, le=2048)]], Field(min_length=1, max_length=5)] = [128, 64]
-    activation: Literal["relu", "gelu", "tanh", "elu", "selu"] = "relu"
-    batch_norm: bool = False  # placed before the activation (seed 004's best placement)
-    dropout: Fraction = 0.0  # after every hidden layer
-    l2: Annotated[float, Field(ge=0)] = 0.0  # kernel penalty per weight
-    initializer: Literal["he_normal", "glorot_uniform"] = "glorot_uniform"
-    conv_filters: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=5)] = [32, 64]
-    augment: bool = False  # random shifts (and flips for colour images); cnn only, training only
+    name: str
+    hidden: Annotated[list[Annotated[int, Field(ge=32, le=2048)]], Field(min_length=1, max_length=5)]
+    activation: Literal["relu", "gelu", "tanh", "elu", "selu"]
+    batch_norm: bool  # placed before the activation (report 004's best placement)
+    dropout: Fraction  # after every hidden layer
+    l2: Annotated[float, Field(ge=0)]  # kernel penalty per weight
+    initializer: Literal["he_normal", "glorot_uniform"]
+    conv_filters: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=5)]
+    augment: bool  # random shifts (and flips for colour images); cnn only, training only
 
     @field_validator("name")
     @classmethod
@@ -67,103 +68,103 @@ class ModelParams(Section):
 
 # --- optimizers: one block of knobs per name; `optimizer` picks the block --------------------
 class AdamParams(Section):
-    learning_rate: PositiveFloat = 1e-3
-    beta_1: Fraction = 0.9
-    beta_2: Fraction = 0.999
+    learning_rate: PositiveFloat
+    beta_1: Fraction
+    beta_2: Fraction
 
 
 class SGDParams(Section):
-    learning_rate: PositiveFloat = 1e-2
-    momentum: Fraction = 0.9
-    nesterov: bool = False
+    learning_rate: PositiveFloat
+    momentum: Fraction
+    nesterov: bool
 
 
 class RMSpropParams(Section):
-    learning_rate: PositiveFloat = 1e-3
-    rho: Fraction = 0.9
-    momentum: Fraction = 0.0
+    learning_rate: PositiveFloat
+    rho: Fraction
+    momentum: Fraction
 
 
 class AdamWParams(Section):
-    learning_rate: PositiveFloat = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
-    beta_1: Fraction = 0.9
-    beta_2: Fraction = 0.999
+    learning_rate: PositiveFloat
+    weight_decay: Annotated[float, Field(ge=0)]
+    beta_1: Fraction
+    beta_2: Fraction
 
 
 class NadamParams(Section):
-    learning_rate: PositiveFloat = 1e-3
-    beta_1: Fraction = 0.9
-    beta_2: Fraction = 0.999
+    learning_rate: PositiveFloat
+    beta_1: Fraction
+    beta_2: Fraction
 
 
 class OptimParams(Section):
-    adam: AdamParams = AdamParams()
-    sgd: SGDParams = SGDParams()
-    rmsprop: RMSpropParams = RMSpropParams()
-    adamw: AdamWParams = AdamWParams()
-    nadam: NadamParams = NadamParams()
+    adam: AdamParams
+    sgd: SGDParams
+    rmsprop: RMSpropParams
+    adamw: AdamWParams
+    nadam: NadamParams
 
 
 # --- schedules: one block per name; `schedule` picks the block ------------------------------
 class StepParams(Section):
-    every_epochs: Annotated[int, Field(ge=1)] = 5
-    factor: Annotated[float, Field(gt=0, lt=1)] = 0.5  # multiply the rate by this every `every_epochs`
+    every_epochs: Annotated[int, Field(ge=1)]
+    factor: Annotated[float, Field(gt=0, lt=1)]  # multiply the rate by this every `every_epochs`
 
 
 class ExponentialParams(Section):
-    rate_per_epoch: Annotated[float, Field(gt=0, lt=1)] = 0.9  # smooth decay, per epoch
+    rate_per_epoch: Annotated[float, Field(gt=0, lt=1)]  # smooth decay, per epoch
 
 
 class CosineParams(Section):
-    alpha: Fraction = 0.0  # final rate as a fraction of the initial one
+    alpha: Fraction  # final rate as a fraction of the initial one
 
 
 class WarmupCosineParams(Section):
-    warmup_epochs: Annotated[float, Field(gt=0)] = 1.0  # linear ramp from ~0 to the optimizer's rate
-    alpha: Fraction = 0.0
+    warmup_epochs: Annotated[float, Field(gt=0)]  # linear ramp from ~0 to the optimizer's rate
+    alpha: Fraction
 
 
 class PlateauParams(Section):
-    monitor: Literal["val_loss", "val_accuracy"] = "val_loss"
-    factor: Annotated[float, Field(gt=0, lt=1)] = 0.5
-    patience: Annotated[int, Field(ge=0)] = 3  # epochs without improvement before a cut
-    min_lr: Annotated[float, Field(ge=0)] = 1e-6
+    monitor: Literal["val_loss", "val_accuracy"]
+    factor: Annotated[float, Field(gt=0, lt=1)]
+    patience: Annotated[int, Field(ge=0)]  # epochs without improvement before a cut
+    min_lr: Annotated[float, Field(ge=0)]
 
 
 class SchedParams(Section):
-    step: StepParams = StepParams()
-    exponential: ExponentialParams = ExponentialParams()
-    cosine: CosineParams = CosineParams()
-    warmup_cosine: WarmupCosineParams = WarmupCosineParams()
-    plateau: PlateauParams = PlateauParams()
+    step: StepParams
+    exponential: ExponentialParams
+    cosine: CosineParams
+    warmup_cosine: WarmupCosineParams
+    plateau: PlateauParams
 
 
 # --- train ---------------------------------------------------------------------------------
 class EarlyStoppingParams(Section):
-    enabled: bool = False
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    patience: Annotated[int, Field(ge=1)] = 5
-    restore_best_weights: bool = True
+    enabled: bool
+    monitor: Literal["val_accuracy", "val_loss"]
+    patience: Annotated[int, Field(ge=1)]
+    restore_best_weights: bool
 
 
 class KeepBestParams(Section):
-    # "The last epoch is not always the best" (seed 004): save the best epoch's weights as the model.
-    enabled: bool = False
-    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    # "The last epoch is not always the best" (report 004): save the best epoch's weights as the model.
+    enabled: bool
+    monitor: Literal["val_accuracy", "val_loss"]
 
 
 class TrainParams(Section):
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 10
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 32
-    backend: Literal["jax", "tensorflow"] = "jax"  # results differ slightly between backends
-    loop: Literal["compiled", "keras"] = "compiled"  # compiled: one XLA program per epoch (jax only)
-    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
-    keep_best: KeepBestParams = KeepBestParams()
-    tensorboard: bool = False
+    epochs: Annotated[int, Field(ge=1, le=10_000)]
+    batch_size: Annotated[int, Field(ge=1, le=65_536)]
+    backend: Literal["jax", "tensorflow"]  # results differ slightly between backends
+    loop: Literal["compiled", "keras"]  # compiled: one XLA program per epoch (jax only)
+    early_stopping: EarlyStoppingParams
+    keep_best: KeepBestParams
+    tensorboard: bool
 
     @model_validator(mode="after")
-    def _loop_needs_jax(self) -> "TrainParams":
+    def _loop_needs_jax(self) -> TrainParams:
         if self.loop == "compiled" and self.backend != "jax":
             raise ValueError(
                 "train.loop 'compiled' runs on the jax backend only; "
@@ -173,25 +174,25 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    top_k: Annotated[int, Field(ge=1)] = 3
+    top_k: Annotated[int, Field(ge=1)]
 
 
 class PlotParams(Section):
-    confused_images: Annotated[int, Field(ge=1, le=100)] = 16  # test images in the confusion grid
+    confused_images: Annotated[int, Field(ge=1, le=100)]  # test images in the confusion grid
 
 
 class Params(Section):
-    dataset: str = "fashion_mnist"
-    seed: Annotated[int, Field(ge=0)] = 0  # weights, dropout masks and batch order
-    optimizer: str = "adam"
-    schedule: str = "constant"
-    prepare: PrepareParams = PrepareParams()
-    model: ModelParams = ModelParams()
-    optim: OptimParams = OptimParams()
-    sched: SchedParams = SchedParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    plot: PlotParams = PlotParams()
+    dataset: str
+    seed: Annotated[int, Field(ge=0)]  # weights, dropout masks and batch order
+    optimizer: str
+    schedule: str
+    prepare: PrepareParams
+    model: ModelParams
+    optim: OptimParams
+    sched: SchedParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    plot: PlotParams
 
     @field_validator("dataset")
     @classmethod
@@ -270,7 +271,21 @@ def validate_params(raw: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source} has {exc.error_count()} problem(s):\n{lines}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def set_dotted(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the parsed params with ``{"train.epochs": 5, ...}`` applied, as ``-S`` does."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: file not found; run from the repository root or pass --params PATH")
@@ -278,4 +293,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """The validated params of ``path``, with optional dotted ``overrides`` (for benchmarks and
+    tools that run a variant of the repository's experiment)."""
+    raw = read_raw(path)
+    if overrides and isinstance(raw, dict):
+        raw = set_dotted(raw, overrides)
     return validate_params(raw, str(path))

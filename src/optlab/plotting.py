@@ -1,5 +1,6 @@
-"""Figures from saved metrics: the training history dvclive wrote, the test metrics and the
-test predictions. No Keras import, so the plot stage starts in a second.
+"""Figures from saved metrics: one experiment's (the training history dvclive wrote, the test
+metrics and the test predictions) and a comparison's (variants over seeds). No Keras import, so
+the plot stage starts in a second.
 
 Figures are built as bare ``matplotlib.figure.Figure`` objects rather than through pyplot:
 pyplot keeps every figure alive in a global registry until it is closed, while a bare Figure
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -19,7 +22,12 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from optlab.errors import OptlabError
+from optlab import metrics
+from optlab.params import PlotParams
+
+if TYPE_CHECKING:  # type hints only: the plot stage never imports the comparison's statistics
+    from optlab.compare import Comparison
+    from optlab.stats import Summary
 
 DPI = 110
 TRAIN_COLOR, VAL_COLOR, MARK_COLOR = "tab:blue", "tab:orange", "tab:green"
@@ -28,15 +36,6 @@ MAX_ANNOTATED_CLASSES = 20
 # Above this many classes the F1 chart shows only the extremes, SHOWN_EXTREMES at each end.
 MAX_LISTED_CLASSES = 30
 SHOWN_EXTREMES = 20
-
-# dvclive's per-epoch files under <live dir>/plots/metrics, and the column each holds.
-HISTORY_FILES = {
-    "loss": "train/loss.tsv",
-    "accuracy": "train/accuracy.tsv",
-    "val_loss": "val/loss.tsv",
-    "val_accuracy": "val/accuracy.tsv",
-    "learning_rate": "learning_rate.tsv",
-}
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -48,27 +47,6 @@ def _save(fig: Figure, path: str | Path) -> None:
 
 
 # --- training history ----------------------------------------------------------------------
-def _read_series(path: Path, column: str) -> pd.Series:
-    if not path.is_file():
-        raise OptlabError(f"{path} not found (the train stage writes it); run `dvc repro train`")
-    table = pd.read_csv(path, sep="\t")
-    if not {"step", column} <= set(table.columns):
-        raise OptlabError(f"{path} needs columns 'step' and '{column}', has {list(table.columns)}")
-    # A resumed run can log a step twice; its last value is the one the model ended with.
-    return table.drop_duplicates("step", keep="last").set_index("step")[column]
-
-
-def read_history(live_dir: str | Path) -> pd.DataFrame:
-    """One row per epoch, indexed by ``epoch`` counted from 1, with the columns of
-    :data:`HISTORY_FILES`."""
-    root = Path(live_dir) / "plots" / "metrics"
-    series = {name: _read_series(root / rel, Path(rel).stem) for name, rel in HISTORY_FILES.items()}
-    history = pd.DataFrame(series).sort_index()
-    history.index = history.index + 1  # dvclive's step 0 is the first epoch
-    history.index.name = "epoch"
-    return history
-
-
 def _epoch_axis(ax) -> None:
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -138,8 +116,9 @@ def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Pat
             ax.text(j, i, str(count), ha="center", va="center", fontsize=8 if n > 10 else 9, color=color)
     fontsize = 9 if n <= MAX_ANNOTATED_CLASSES else max(4.5, min(8.0, 600 / n))
     ticks = np.arange(n)
-    ax.set_xticks(ticks, labels=class_names, rotation=90 if n > 10 else 45, ha="center" if n > 10 else "right",
-                  fontsize=fontsize)
+    ax.set_xticks(
+        ticks, labels=class_names, rotation=90 if n > 10 else 45, ha="center" if n > 10 else "right", fontsize=fontsize
+    )
     ax.set_yticks(ticks, labels=class_names, fontsize=fontsize)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("actual class")
@@ -168,11 +147,18 @@ def per_class_f1(per_class: Mapping[str, Mapping[str, float]], macro_f1: float, 
     values = [v or 0.0 for _, v in rows]
     colors = ["none" if v is None else (TRAIN_COLOR if v >= macro_f1 else VAL_COLOR) for _, v in rows]
     ax.barh(y, values, color=colors, height=0.75)
-    for yi, (_, v) in zip(y, rows):
+    for yi, (_, v) in zip(y, rows, strict=False):
         if v is not None:  # inside the bar's end, where the macro line rarely passes
             inside = v > 0.15
-            ax.text(v - 0.01 if inside else v + 0.01, yi, f"{v:.2f}", va="center", ha="right" if inside else "left",
-                    fontsize=8, color="white" if inside else "black")
+            ax.text(
+                v - 0.01 if inside else v + 0.01,
+                yi,
+                f"{v:.2f}",
+                va="center",
+                ha="right" if inside else "left",
+                fontsize=8,
+                color="white" if inside else "black",
+            )
     ax.axvline(macro_f1, color="black", ls="--", lw=1, label=f"macro F1 = {macro_f1:.3f} (mean over classes)")
     ax.set_yticks(y, labels=[name for name, _ in rows], fontsize=9 if len(rows) <= 20 else 8)
     ax.set_xlim(0, 1.08)
@@ -214,7 +200,7 @@ def confused_images(
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, i in zip(axes, chosen):
+    for ax, i in zip(axes, chosen, strict=False):
         ax.set_axis_on()
         _show_image(ax, images[i])
         predicted = int(probs[i].argmax())
@@ -225,3 +211,124 @@ def confused_images(
         axes[0].text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
     fig.suptitle(f"Most confidently wrong: {len(chosen)} of {n_wrong} misclassified test images")
     _save(fig, path)
+
+
+# --- the plot stage's figures --------------------------------------------------------------
+@dataclass(frozen=True)
+class Figures:
+    """Everything one experiment's figures are drawn from (the plot stage's inputs)."""
+
+    history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history
+    test_metrics: Mapping[str, Any]
+    y_test: np.ndarray
+    probabilities: np.ndarray  # (test images, classes)
+    images: np.ndarray  # the original test images, uint8 (N, H, W, C)
+    classes: Sequence[str]
+
+    def draw(self, out: Path, params: PlotParams) -> list[str]:
+        """Write every figure into ``out``; return their file names."""
+        cm = metrics.confusion(self.y_test, self.probabilities.argmax(axis=1), len(self.classes))
+        figures = {
+            "learning_curves.png": lambda path: learning_curves(self.history, path),
+            "learning_rate.png": lambda path: learning_rate(self.history, path),
+            "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),
+            "per_class_f1.png": lambda path: per_class_f1(
+                self.test_metrics["per_class"], self.test_metrics["f1_macro"], path
+            ),
+            "confused_images.png": lambda path: confused_images(
+                self.images, self.y_test, self.probabilities, self.classes, params.confused_images, path
+            ),
+        }
+        for name, draw in figures.items():
+            draw(out / name)
+        return list(figures)
+
+
+# --- a comparison of variants (optlab compare) -----------------------------------------------
+def _interval(s: Summary) -> list[list[float]] | None:
+    """Matplotlib's asymmetric error bar for a mean's confidence interval (None for one seed)."""
+    return None if math.isnan(s.ci_low) else [[s.mean - s.ci_low], [s.ci_high - s.mean]]
+
+
+def _variant_axis(ax, labels: Sequence[str]) -> None:
+    ax.set_yticks(range(len(labels)), labels=labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def compare_accuracy(cmp: Comparison, path: Path) -> None:
+    groups = cmp.ranked[::-1]  # best at the top
+    fig = _figure(7, 0.45 * len(groups) + 1.5)
+    ax = fig.subplots()
+    for y, g in enumerate(groups):
+        s = g.summary("accuracy")
+        ax.errorbar(
+            s.mean, y, xerr=_interval(s), fmt="o", capsize=4, color=VAL_COLOR if g is cmp.baseline else TRAIN_COLOR
+        )
+        ax.plot(g.values("accuracy"), [y] * len(g.runs), "x", color="0.5", markersize=4)
+    _variant_axis(ax, [g.label for g in groups])
+    ax.set_xlabel("test accuracy (mean and 95% CI over seeds; x: single seeds)")
+    _save(fig, path)
+
+
+def compare_curves(cmp: Comparison, path: Path) -> None:
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for g in cmp.ranked:
+        if id(g) not in cmp.curves:
+            continue
+        m = cmp.curves[id(g)]
+        (line,) = ax.plot(m.index, m["mean"], label=f"{g.label} (n={int(m['n'].max())})")
+        sd = m["std"].fillna(0)  # one seed: no band
+        ax.fill_between(m.index, m["mean"] - sd, m["mean"] + sd, color=line.get_color(), alpha=0.2)
+    if not math.isnan(cmp.threshold):
+        ax.axhline(cmp.threshold, color="0.4", linestyle=":", linewidth=1, label="time-to-reach threshold")
+    _epoch_axis(ax)
+    ax.set_ylabel("validation accuracy (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def compare_params(cmp: Comparison, path: Path) -> None:
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for g in cmp.ranked:
+        sizes = [r.trainable_params for r in g.runs if r.trainable_params]
+        if not sizes:
+            continue
+        s = g.summary("accuracy")
+        ax.errorbar(sizes[0], s.mean, yerr=_interval(s), fmt="o", capsize=4)
+        ax.annotate(g.label, (sizes[0], s.mean), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters")
+    ax.set_ylabel("test accuracy (mean and 95% CI)")
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def compare_time(cmp: Comparison, path: Path) -> None:
+    groups = cmp.ranked[::-1]
+    fig = _figure(7, 0.45 * len(groups) + 1.5)
+    ax = fig.subplots()
+    for y, g in enumerate(groups):
+        times = cmp.times.get(id(g), [])
+        reached = [t for t in times if t is not None]
+        if (s := cmp.time_summary(g)) is not None:
+            ax.barh(y, s.mean, xerr=None if math.isnan(s.std) else s.std, capsize=4, color=TRAIN_COLOR, alpha=0.7)
+        note = "" if len(reached) == len(times) else f" {len(reached)} of {len(times)} seeds reached it"
+        ax.text(0, y, note, va="center", fontsize=8)
+    _variant_axis(ax, [g.label for g in groups])
+    ax.set_xlabel(f"seconds to reach {cmp.threshold:.3f} validation accuracy (mean ± sd over seeds)")
+    _save(fig, path)
+
+
+def comparison_figures(cmp: Comparison) -> dict[str, tuple[str, Any]]:
+    """title -> (file suffix, draw(path)) of each figure the comparison report shows."""
+    figures = {
+        "Test accuracy by variant": ("accuracy", lambda path: compare_accuracy(cmp, path)),
+        "Validation accuracy per epoch": ("curves", lambda path: compare_curves(cmp, path)),
+        "Test accuracy against trainable parameters": ("params", lambda path: compare_params(cmp, path)),
+    }
+    if cmp.times:
+        figures["Time to reach the validation accuracy threshold"] = ("time", lambda path: compare_time(cmp, path))
+    return figures

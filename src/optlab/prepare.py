@@ -8,21 +8,16 @@ tests need no backend.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from optlab.artifacts import SPLITS, PreparedData, PreparedMeta, RawData, Split
 from optlab.errors import OptlabError
 from optlab.params import PrepareParams
-
-RAW_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-SPLITS = ("train", "val", "test")
 
 # Images are scaled a block at a time, about 1 MiB of float32 per block: every in-place pass
 # over a block then runs in the CPU cache instead of streaming the whole array from memory.
@@ -75,8 +70,6 @@ def scale(x: np.ndarray, method: str, stats: Stats | None = None, rows: np.ndarr
     ``x`` holds uint8 images with channels last. Never makes a float64 copy: each block is
     cast straight into the float32 result and scaled there.
     """
-    if method not in SCALES:
-        raise OptlabError(f"unknown prepare.scale '{method}'; choose one of: {', '.join(SCALES)}")
     transform = SCALES[method]
     n_rows = len(x) if rows is None else len(rows)
     out = np.empty((n_rows, *x.shape[1:]), dtype=np.float32)
@@ -153,131 +146,48 @@ def stratified_split(
     Splits indices rather than images, so the images are copied once, straight into their
     scaled split. Both index arrays come in a seeded shuffled order.
     """
-    if not 0 < val_fraction < 1:
-        raise OptlabError(f"prepare.val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     y = np.asarray(y)
     _check_stratifiable(y, val_fraction, classes)
     train, val = train_test_split(np.arange(len(y)), test_size=val_fraction, random_state=seed, stratify=y)
     return train, val
 
 
-# --- raw input -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RawData:
-    """The download stage's output: uint8 images (N, H, W, C), integer labels (N,), and meta."""
-
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    meta: dict[str, Any]
-
-
-_REDOWNLOAD = "delete it and run `dvc repro` to download it again"
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise OptlabError(f"{path}: not readable JSON ({exc}); {_REDOWNLOAD}") from None
-    missing = [k for k in ("dataset", "classes", "image_shape") if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise OptlabError(f"{path}: missing key(s) {', '.join(missing)}; {_REDOWNLOAD}")
-    return meta
-
-
-def _load_array(path: Path) -> np.ndarray:
-    try:
-        # Memory-mapped: the stage reads each image once, a block at a time, never all at once.
-        return np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
-        raise OptlabError(f"{path}: not a readable .npy file ({exc}); {_REDOWNLOAD}") from None
-
-
-def _checked_images(x: np.ndarray, image_shape: tuple[int, ...], where: Path) -> np.ndarray:
-    if x.ndim == 3 and image_shape[-1] == 1:
-        x = x[..., np.newaxis]  # a grey image saved without its channel axis; a view, no copy
-    if x.dtype != np.uint8 or x.shape[1:] != image_shape:
-        raise OptlabError(
-            f"{where}: expected uint8 images of shape (N, {', '.join(map(str, image_shape))}) as meta.json "
-            f"says, got {x.dtype} {x.shape}; {_REDOWNLOAD}"
-        )
-    return x
-
-
-def _checked_labels(y: np.ndarray, n_images: int, n_classes: int, where: Path) -> np.ndarray:
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]  # Keras's CIFAR loaders give labels as (N, 1)
-    if y.ndim != 1 or len(y) != n_images or not np.issubdtype(y.dtype, np.integer):
-        raise OptlabError(f"{where}: expected {n_images} integer labels, got {y.dtype} {y.shape}; {_REDOWNLOAD}")
-    if len(y) and (y.min() < 0 or y.max() >= n_classes):
-        raise OptlabError(
-            f"{where}: labels run from {y.min()} to {y.max()} but meta.json lists {n_classes} classes; {_REDOWNLOAD}"
-        )
-    return y
-
-
-def load_raw(raw_dir: str | Path) -> RawData:
-    """Open the download stage's directory, checking that files, shapes and labels agree."""
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise OptlabError(f"{raw_dir}: no such directory; run `dvc repro` (its download stage writes it)")
-    missing = [f for f in ("meta.json", *(f"{a}.npy" for a in RAW_ARRAYS)) if not (raw_dir / f).is_file()]
-    if missing:
-        raise OptlabError(f"{raw_dir}: missing {', '.join(missing)}; {_REDOWNLOAD}")
-    meta = _read_meta(raw_dir / "meta.json")
-    image_shape = tuple(int(d) for d in meta["image_shape"])
-    arrays = {}
-    for split in ("train", "test"):
-        x = _checked_images(_load_array(raw_dir / f"x_{split}.npy"), image_shape, raw_dir / f"x_{split}.npy")
-        y_path = raw_dir / f"y_{split}.npy"
-        arrays[f"x_{split}"] = x
-        arrays[f"y_{split}"] = _checked_labels(_load_array(y_path), len(x), len(meta["classes"]), y_path)
-    return RawData(**arrays, meta=meta)
-
-
 # --- the stage's work ----------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prepared:
-    """``arrays``: x_train, x_val, x_test (float32), y_train, y_val, y_test (int32); ``meta``: how."""
-
-    arrays: dict[str, np.ndarray]
-    meta: dict[str, Any]
-
-
-def prepare(raw: RawData, params: PrepareParams) -> Prepared:
+def prepare(raw: RawData, params: PrepareParams) -> PreparedData:
     """Split the training set, scale every split with statistics of the training split alone,
     and flatten if asked."""
-    classes = list(raw.meta["classes"])
+    classes = list(raw.meta.classes)
     train_rows, val_rows = stratified_split(raw.y_train, params.val_fraction, params.seed, classes)
     # Statistics after the validation split is removed, so nothing about val or test leaks in.
     stats = channel_stats(raw.x_train, train_rows) if params.scale == "standardize" else None
     sources = {"train": (raw.x_train, raw.y_train, train_rows), "val": (raw.x_train, raw.y_train, val_rows),
                "test": (raw.x_test, raw.y_test, None)}  # fmt: skip
-    arrays = {}
+    splits = {}
     for split, (x, y, rows) in sources.items():
         images = scale(x, params.scale, stats, rows)
-        arrays[f"x_{split}"] = images.reshape(len(images), -1) if params.flatten else images  # a view
-        arrays[f"y_{split}"] = np.asarray(y if rows is None else y[rows], dtype=np.int32)
-    meta = {
-        "dataset": raw.meta["dataset"],
-        "classes": classes,
-        "image_shape": [int(d) for d in raw.x_train.shape[1:]],
-        "scale": params.scale,
-        "flatten": params.flatten,
-        "val_fraction": params.val_fraction,
-        "split_seed": params.seed,
+        splits[split] = Split(
+            x=images.reshape(len(images), -1) if params.flatten else images,  # a view
+            y=np.asarray(y if rows is None else y[rows], dtype=np.int32),
+        )
+    meta = PreparedMeta(
+        dataset=raw.meta.dataset,
+        classes=classes,
+        image_shape=raw.meta.image_shape,
+        scale=params.scale,
+        flatten=params.flatten,
+        val_fraction=params.val_fraction,
+        split_seed=params.seed,
         **(stats or {}),
-    }
-    return Prepared(arrays, meta)
+    )
+    return PreparedData(splits, meta)
 
 
-def summarize(prepared: Prepared) -> dict[str, Any]:
+def count_images(prepared: PreparedData) -> dict[str, Any]:
     """Images per split and per class: the stage's DVC metrics, so a diff shows a changed split."""
-    classes = prepared.meta["classes"]
-    summary = {}
+    classes = prepared.meta.classes
+    counts = {}
     for split in SPLITS:
-        counts = np.bincount(prepared.arrays[f"y_{split}"], minlength=len(classes))
-        summary[split] = {"n": int(counts.sum()), "per_class": {c: int(k) for c, k in zip(classes, counts)}}
-    return summary
+        per_class = np.bincount(prepared.splits[split].y, minlength=len(classes))
+        by_name = {c: int(k) for c, k in zip(classes, per_class, strict=True)}
+        counts[split] = {"n": int(per_class.sum()), "per_class": by_name}
+    return counts

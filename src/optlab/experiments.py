@@ -1,0 +1,249 @@
+"""Committed runs and the variants they form, read from DVC and git.
+
+A *run* is one committed result: a commit or a DVC experiment, with its params, test metrics,
+per-epoch validation curve, data hash and code hash, read from its git revision at the paths
+``dvc.yaml`` gives (:mod:`optlab.pipeline`). Runs that differ only by ``seed`` (same params,
+data and code) form one *variant*: a :class:`Group`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optlab import artifacts
+from optlab.errors import OptlabError
+from optlab.pipeline import Pipeline
+from optlab.stats import Summary, describe
+
+PARAMS_FILE = "params.yaml"
+SEED_KEY = "seed"
+METRICS = {"accuracy": "test accuracy", "loss": "test loss", "f1_macro": "macro F1"}
+# A different dataset, epoch budget or data split asks another question: never pooled or tested.
+CONTEXT_KEYS = ("dataset", "train.epochs")
+CONTEXT_PREFIXES = ("prepare.",)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One committed result: a commit or an experiment, read from its git revision."""
+
+    rev: str
+    name: str
+    params: dict[str, Any]  # params.yaml, flattened to dotted keys
+    metrics: dict[str, float]  # the METRICS, from the evaluate stage's test metrics
+    trainable_params: float | None = None
+    seconds_per_epoch: float | None = None
+    data_hash: str | None = None  # the prepared data's hash in dvc.lock
+    code_hash: str = ""  # the source files the stages depend on, so code changes never pool
+    val_curve: tuple[float, ...] = ()
+
+    @property
+    def seed(self) -> Any:
+        return self.params.get(SEED_KEY)
+
+
+@dataclass
+class Group:
+    """Runs that differ only by seed: one variant."""
+
+    runs: list[Run]
+    label: str = ""
+    # Runs that repeat a seed already in ``runs`` (e.g. HEAD and the experiment it was committed
+    # from): the same seed is not an independent sample, so it is counted once.
+    repeats: list[Run] = field(default_factory=list)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in self.runs[0].params.items() if k != SEED_KEY}
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics[metric] for r in self.runs if metric in r.metrics]
+
+    def summary(self, metric: str) -> Summary:
+        return describe(self.values(metric))
+
+    def context(self) -> dict[str, Any]:
+        ctx = {k: v for k, v in self.params.items() if k in CONTEXT_KEYS or k.startswith(CONTEXT_PREFIXES)}
+        ctx["data hash"] = self.runs[0].data_hash
+        return ctx
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _group_key(run: Run) -> str:
+    params = {k: v for k, v in run.params.items() if k != SEED_KEY}
+    return json.dumps([params, run.data_hash, run.code_hash], sort_keys=True, default=str)
+
+
+def group_runs(runs: Iterable[Run]) -> list[Group]:
+    """Group runs whose params (all but ``seed``), data and code are the same, in first-seen order."""
+    groups: dict[str, Group] = {}
+    for run in runs:
+        group = groups.setdefault(_group_key(run), Group([]))
+        same_seed = any(r.seed == run.seed for r in group.runs)
+        (group.repeats if same_seed else group.runs).append(run)
+    return list(groups.values())
+
+
+# --- reading runs from DVC and git -----------------------------------------------------------
+def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
+    """The same records as ``dvc exp show --json`` (queued, failed and workspace rows hidden)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(repo)) as dvc_repo:
+            states = dvc_repo.experiments.show(
+                all_commits=all_commits, hide_queued=True, hide_failed=True, hide_workspace=True
+            )
+            return [state.dumpd() for state in states]
+    except DvcException as exc:
+        raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
+
+
+def iter_states(records: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Every commit and experiment state in ``dvc exp show --json`` records (DVC 3 layout:
+    baselines, each with ``experiments``: ranges of ``revs``)."""
+    for baseline in records:
+        yield baseline
+        for exp_range in baseline.get("experiments") or []:
+            yield from exp_range.get("revs") or []
+
+
+class UnusableRun(ValueError):
+    """A run without what a comparison needs; the message says what is missing."""
+
+
+def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[float] = (),
+                   seconds_per_epoch: float | None = None) -> Run:  # fmt: skip
+    """Build a :class:`Run` from one ``dvc exp show --json`` state."""
+    data = state.get("data") or {}
+    if state.get("error"):
+        raise UnusableRun(state["error"].get("msg", "DVC could not read it"))
+    params = (data.get("params") or {}).get(PARAMS_FILE, {}).get("data")
+    if not params:
+        raise UnusableRun(f"no {PARAMS_FILE}")
+    test_file = pipeline.test_metrics
+    test = (data.get("metrics") or {}).get(test_file, {}).get("data") or {}
+    metrics = {m: float(test[m]) for m in METRICS if _is_number(test.get(m))}
+    if "accuracy" not in metrics:
+        raise UnusableRun(f"no accuracy in {test_file}")
+    summary_file = f"{pipeline.live_dir}/{artifacts.SUMMARY}"
+    summary = (data.get("metrics") or {}).get(summary_file, {}).get("data") or {}
+    deps = data.get("deps") or {}
+    produced = set(data.get("outs") or {}) | set(data.get("metrics") or {})
+    data_dep = pipeline.prepared_data
+    # Code is what no stage produces; a dep at or under an output (plot reads the history
+    # inside train's dvclive directory) is a result, and differs on every run.
+    code = sorted((p, d.get("hash")) for p, d in deps.items() if not _under_any(p, produced) and p != data_dep)
+    return Run(
+        rev=state["rev"],
+        name=state.get("name") or state["rev"][:7],
+        params=flatten(params),
+        metrics=metrics,
+        trainable_params=_number_or_none(summary.get("trainable_params")),
+        seconds_per_epoch=seconds_per_epoch,
+        data_hash=(deps.get(data_dep) or {}).get("hash"),
+        code_hash=json.dumps(code),
+        val_curve=tuple(curve),
+    )
+
+
+def _under_any(path: str, roots: set[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number_or_none(value: Any) -> float | None:
+    return float(value) if _is_number(value) else None
+
+
+def read_at(repo: Path, rev: str, path: str | Path) -> str | None:
+    """A git-tracked file's text as committed in ``rev`` (None if it is not there)."""
+    shown = subprocess.run(["git", "show", f"{rev}:./{path}"], cwd=repo, capture_output=True, text=True, check=False)
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def read_curve(repo: Path, rev: str, pipeline: Pipeline) -> list[float]:
+    """The per-epoch validation accuracy that dvclive wrote, as committed in ``rev``."""
+    import pandas as pd
+
+    path = artifacts.history_file(pipeline.live_dir, "val_accuracy")
+    text = read_at(repo, rev, path)
+    if text is None:
+        return []
+    table = pd.read_csv(io.StringIO(text), sep="\t")
+    value_cols = [c for c in table.columns if c not in ("step", "timestamp")]
+    if "step" not in table.columns or not value_cols:
+        return []
+    return table.sort_values("step")[value_cols[-1]].astype(float).tolist()
+
+
+def read_seconds_per_epoch(repo: Path, rev: str, pipeline: Pipeline) -> float | None:
+    """The steady-state training time per epoch recorded in the run's ``run.json``."""
+    text = read_at(repo, rev, f"{pipeline.live_dir}/{artifacts.RUN_INFO}")
+    try:
+        return _number_or_none(json.loads(text)["timings"]["seconds_per_epoch"]) if text else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def load_runs(repo: Path, all_commits: bool = False) -> tuple[list[Run], list[str]]:
+    """Every committed run with test metrics, and a note for each run that was skipped."""
+    pipeline = Pipeline.load(repo)
+    runs: list[Run] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    for state in iter_states(exp_show(repo, all_commits)):
+        rev = state.get("rev", "")
+        if rev in seen or rev == "workspace":
+            continue
+        seen.add(rev)
+        try:
+            curve, seconds = read_curve(repo, rev, pipeline), read_seconds_per_epoch(repo, rev, pipeline)
+            runs.append(run_from_state(state, pipeline, curve, seconds))
+        except UnusableRun as exc:
+            notes.append(f"`{state.get('name') or rev[:7]}` skipped: {exc}")
+    return runs, notes
+
+
+def resolve_rev(repo: Path, rev: str) -> str | None:
+    out = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
+        cwd=repo, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return out.stdout.strip() or None
+
+
+def find_baseline(groups: list[Group], repo: Path, baseline: str | None) -> Group:
+    """The group holding ``baseline`` (an experiment name, a commit or a branch); HEAD's by default."""
+    wanted = baseline or "HEAD"
+    sha = resolve_rev(repo, wanted)
+    for group in groups:
+        for run in group.runs + group.repeats:
+            if run.name == wanted or run.rev == sha or (len(wanted) >= 7 and run.rev.startswith(wanted)):
+                return group
+    names = ", ".join(sorted({r.name for g in groups for r in g.runs}))
+    if baseline is None:
+        raise OptlabError(
+            f"HEAD has no committed test metrics: commit a `dvc repro` result, or pass --baseline with one of: {names}"
+        )
+    raise OptlabError(f"no run with test metrics matches --baseline {baseline!r}; runs: {names}")

@@ -1,0 +1,118 @@
+"""Statistics for comparing variants over seeds, as small pure functions on lists of numbers.
+
+Each variant's runs differ only by seed: :func:`describe` gives the mean, standard deviation and a
+Student-t confidence interval; :func:`welch` tests a variant against the baseline; :func:`holm`
+corrects for testing several variants against one baseline. Tested on hand-computed numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE
+# Two seeds give a variance estimate with one degree of freedom: a t-test on it says almost nothing.
+MIN_SEEDS_FOR_TEST = 3
+
+
+# --- statistics on plain numbers -------------------------------------------------------------
+@dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float  # sample standard deviation (ddof=1); nan for one value
+    ci_low: float  # Student-t interval for the mean; nan for one value
+    ci_high: float
+
+
+def describe(values: Sequence[float], confidence: float = CONFIDENCE) -> Summary:
+    """Mean, sample standard deviation and Student-t confidence interval of ``values``."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("describe needs at least one value")
+    mean = sum(values) / n
+    if n < 2:
+        return Summary(n, mean, math.nan, math.nan, math.nan)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``variant - baseline`` and Welch's test of it; ``tested`` is False below MIN_SEEDS_FOR_TEST."""
+
+    diff: float
+    tested: bool
+    reason: str = ""  # why no test was made
+    ci_low: float = math.nan
+    ci_high: float = math.nan
+    p_value: float = math.nan
+    df: float = math.nan
+
+
+def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
+    """Welch's unequal-variance t-test of ``mean(variant) - mean(baseline)``, with its CI.
+
+    Welch rather than Student's pooled test: a few seeds per variant say little about whether
+    two variants have the same variance (an optimizer or a learning rate often changes it), and
+    Welch loses almost nothing when the variances are equal. With fewer than
+    ``MIN_SEEDS_FOR_TEST`` seeds on either side no test is made.
+    """
+    diff = sum(variant) / len(variant) - sum(baseline) / len(baseline)
+    if min(len(variant), len(baseline)) < MIN_SEEDS_FOR_TEST:
+        return Difference(diff, tested=False, reason="not enough seeds")
+    if max(variant) == min(variant) and max(baseline) == min(baseline):
+        # No seed noise at all: the t statistic is undefined. Usually the seed never reached
+        # the training, so say so rather than invent a p-value.
+        return Difference(diff, tested=False, reason="no seed variation: check that `seed` reaches the training")
+    result = stats.ttest_ind(variant, baseline, equal_var=False)
+    ci = result.confidence_interval(confidence)
+    return Difference(diff, True, "", float(ci.low), float(ci.high), float(result.pvalue), float(result.df))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment: controls the chance of any false 'larger than noise' verdict
+    among several variants tested against one baseline. NaNs (untested) pass through."""
+    indexed = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(indexed):
+        running = max(running, min(1.0, (len(indexed) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(d: Difference, p_holm: float = math.nan, alpha: float = ALPHA) -> str:
+    if not d.tested:
+        return d.reason
+    if d.p_value >= alpha:
+        return "within seed noise"
+    direction = "better" if d.diff > 0 else "worse"
+    if not math.isnan(p_holm) and p_holm >= alpha:
+        return f"{direction}, larger than seed noise (not after Holm correction)"
+    return f"{direction}, larger than seed noise"
+
+
+def time_to_reach(curve: Sequence[float], seconds_per_epoch: float, threshold: float) -> float | None:
+    """Seconds until the per-epoch ``curve`` (epoch 1 first) first reaches ``threshold``."""
+    for epoch, value in enumerate(curve, start=1):
+        if value >= threshold:
+            return epoch * seconds_per_epoch
+    return None
+
+
+def mean_curve(curves: Sequence[Sequence[float]]) -> pd.DataFrame:
+    """Per-epoch mean and standard deviation over seeds (epoch 1 first). An epoch's mean uses
+    the seeds that ran it, so early-stopped seeds shorten nothing."""
+    frame = pd.DataFrame({i: pd.Series(c, dtype=float) for i, c in enumerate(curves)})
+    out = pd.DataFrame({"mean": frame.mean(axis=1), "std": frame.std(axis=1), "n": frame.count(axis=1)})
+    out.index = out.index + 1
+    out.index.name = "epoch"
+    return out

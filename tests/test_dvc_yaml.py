@@ -1,0 +1,103 @@
+"""dvc.yaml declares what each stage really imports: the stage script and every module of the
+package it imports, directly or through other modules (imports inside functions included), and
+no module it does not. A change to any of them reruns the stage, and only those stages; and
+`optlab compare` hashes exactly the code that produced a result."""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO
+
+PACKAGE = REPO / "src" / "optlab"
+
+
+def _module_file(name: str) -> Path | None:
+    parts = name.split(".")
+    if parts[0] != "optlab":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _executed_nodes(tree: ast.AST):
+    """Every node, except those under ``if TYPE_CHECKING:`` (never run: type hints only)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _imported_files(path: Path) -> set[Path]:
+    """Package files that ``path`` imports (``import optlab.x``, ``from optlab import x``, ...),
+    with the packages on the way (importing ``optlab.x`` runs ``optlab/__init__.py``)."""
+    names = set()
+    for node in _executed_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    files = set()
+    for name in names:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            if (found := _module_file(".".join(parts[:i]))) is not None:
+                files.add(found)
+    return files
+
+
+def imports_of(script: Path) -> set[str]:
+    """Every package file ``script`` imports, transitively, relative to the repository."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        for found in _imported_files(todo.pop()) - seen:
+            seen.add(found)
+            todo.append(found)
+    return {str(p.relative_to(REPO)) for p in seen}
+
+
+def code_problems(stages: dict) -> list[str]:
+    """What dvc.yaml gets wrong about each stage's code dependencies (empty when nothing)."""
+    problems = []
+    for name, stage in stages.items():
+        words = shlex.split(stage["cmd"])
+        script = words[1]
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
+        needed = imports_of(REPO / script) | {script}
+        declared = {d for d in deps if d.startswith("src/") or d.startswith("stages/")}
+        problems += [f"{name}: imports {path} but does not declare it in deps" for path in sorted(needed - declared)]
+        problems += [f"{name}: declares {path} but never imports it" for path in sorted(declared - needed)]
+    return problems
+
+
+def test_every_stage_declares_exactly_the_code_it_imports():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert code_problems(stages) == []
+
+
+def test_a_missing_import_is_caught():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert "src/optlab/backend.py" in imports_of(REPO / "stages/evaluate.py")
+    stages["evaluate"]["deps"].remove("src/optlab/backend.py")
+    assert code_problems(stages) == ["evaluate: imports src/optlab/backend.py but does not declare it in deps"]
+
+
+def test_stages_that_need_no_keras_import_none_of_its_modules():
+    # The cheap stages stay cheap: no module that imports Keras is in their closure.
+    keras_modules = {"src/optlab/models.py", "src/optlab/optim.py", "src/optlab/loop.py", "src/optlab/engine.py",
+                     "src/optlab/train.py", "src/optlab/backend.py"}  # fmt: skip
+    for stage in ("download", "prepare", "plot"):
+        assert not imports_of(REPO / f"stages/{stage}.py") & keras_modules, stage
