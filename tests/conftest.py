@@ -19,6 +19,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# What the evaluate stage writes to its test metrics file.
+TEST_METRIC_KEYS = {"accuracy", "loss", "top_k_accuracy", "top_k", "f1_macro", "f1_weighted", "per_class",
+                    "generalization_gap"}  # fmt: skip
 
 
 def repo_params(**overrides) -> dict:

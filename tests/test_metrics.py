@@ -16,7 +16,7 @@ import pytest
 import yaml
 from sklearn import metrics as skm
 
-from conftest import stage_args
+from conftest import TEST_METRIC_KEYS, stage_args
 from optlab import metrics
 from optlab.errors import OptlabError
 
@@ -119,16 +119,6 @@ def test_labels_out_of_range_are_refused():
 # --- the evaluate stage, end to end ----------------------------------------------------------
 N_FEATURES = 6
 OUTPUTS = ("metrics/test.json", "metrics/confusion.csv", "data/predictions.npy")
-EXPECTED_KEYS = {
-    "accuracy",
-    "loss",
-    "top_k_accuracy",
-    "top_k",
-    "f1_macro",
-    "f1_weighted",
-    "generalization_gap",
-    "per_class",
-}
 TRAIN_ACCURACY = 0.75  # what the train stage measured on the training split (its summary metrics)
 
 
@@ -194,7 +184,7 @@ def test_evaluate_stage_writes_metrics_confusion_and_predictions(tmp_path):
     np.testing.assert_allclose(probs, model.predict(x_test, verbose=0), atol=1e-5)
 
     got = json.loads((tmp_path / "metrics" / "test.json").read_text())
-    assert set(got) == EXPECTED_KEYS
+    assert set(got) == TEST_METRIC_KEYS
     y_pred = probs.argmax(axis=1)
     assert got["accuracy"] == pytest.approx(skm.accuracy_score(y_test, y_pred))
     exact = probs.astype(float)

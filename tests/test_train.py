@@ -57,8 +57,8 @@ def test_every_model_builds(name, shape):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
-def test_seed_002_recipe_has_100778_trainable_parameters():
-    # Seed 002: CIFAR-10 flattened (3072), Dense 3x32 relu, softmax over 10 classes.
+def test_report_002_recipe_has_100778_trainable_parameters():
+    # Report 002: CIFAR-10 flattened (3072), Dense 3x32 relu, softmax over 10 classes.
     p = validate_params(repo_params(**{"dataset": "cifar10", "model.hidden": [32, 32, 32], "model.dropout": 0.0}))
     assert trainable_params(build_model(p.model, (3072,), 10, p.seed)) == 100_778
 
