@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optlab import stage
-from optlab.backend import configure
+from optlab.backend import configure, engine_for
 from optlab.outputs import remove_outputs
 from optlab.params import load_params
 
@@ -23,7 +23,7 @@ def main(argv=None) -> None:
 
     remove_outputs(args.metrics, args.confusion, args.predictions)
     params = load_params(args.params)
-    configure(params.train.backend)  # before anything imports Keras
+    configure(engine_for(params).backend)  # before anything imports Keras
     from optlab import artifacts, evaluation
 
     result = evaluation.evaluate_model(params, args.data, args.model, args.live)

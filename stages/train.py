@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optlab import stage
-from optlab.backend import configure
+from optlab.backend import configure, engine_for
 from optlab.params import load_params
 
 
@@ -19,7 +19,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     params = load_params(args.params)  # validates everything before any work
-    configure(params.train.backend)  # before anything imports Keras
+    configure(engine_for(params).backend)  # before anything imports Keras
     from optlab import train
 
     summary = train.run(params, args.data, args.model, args.live, args.backup, args.tensorboard_logs)

@@ -9,9 +9,11 @@ with a message instead of letting Keras silently load its default backend.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from optlab.errors import OptlabError
 
@@ -86,6 +88,50 @@ def require_chosen(module: str) -> None:
             "optlab.backend.configure(params.train.backend) before importing it "
             "(every stage does so right after loading params), or set KERAS_BACKEND"
         )
+
+
+# --- which backend and loop (train.backend / train.loop: auto) --------------------------------
+@dataclass(frozen=True)
+class Engine:
+    """The Keras backend and training loop a run uses, and why (recorded in run.json)."""
+
+    backend: str  # jax | tensorflow
+    loop: str  # compiled | keras
+    rule: str  # how `auto` was resolved, in words; "" when both were set explicitly
+
+
+def _jax_sees_an_accelerator() -> bool:
+    import jax  # no Keras import: the backend is not chosen yet
+
+    return jax.default_backend() != "cpu"
+
+
+def choose_engine(backend: str, loop: str, model_name: str) -> Engine:
+    """Resolve ``train.backend`` and ``train.loop`` when they say ``auto``.
+
+    The rule: a ``cnn`` trains on TensorFlow with Keras's ``fit`` when TensorFlow is installed and
+    JAX sees no GPU, because on a CPU TensorFlow's oneDNN convolutions (and their gradients) run
+    3-4x faster than XLA's (benchmarks/train_speed.py --model cnn); everything else, and a CNN on
+    a GPU, trains on JAX with the compiled loop. ``train.loop: compiled`` implies JAX.
+    """
+    rule = []
+    if backend == "auto":
+        if loop == "compiled":
+            backend, why = "jax", "train.loop compiled runs on jax"
+        elif model_name == "cnn" and importlib.util.find_spec("tensorflow") and not _jax_sees_an_accelerator():
+            backend, why = "tensorflow", "a cnn on a CPU trains on tensorflow (oneDNN convolutions)"
+        else:
+            backend, why = "jax", f"a {model_name} trains on jax"
+        rule.append(f"backend auto: {why}")
+    if loop == "auto":
+        loop = "compiled" if backend == "jax" else "keras"
+        rule.append(f"loop auto: {loop} on {backend}")
+    return Engine(backend, loop, "; ".join(rule))
+
+
+def engine_for(params) -> Engine:
+    """The engine an experiment's params (``train.backend``, ``train.loop``, ``model.name``) choose."""
+    return choose_engine(params.train.backend, params.train.loop, params.model.name)
 
 
 def configure(backend: str) -> None:

@@ -98,10 +98,20 @@ class CompiledEngine:
             correct = jnp.sum(jnp.argmax(probs, axis=-1) == y)
             return jnp.mean(losses) + reg[0], correct, probs
 
+        def indexed_step(state, x, y, idx):
+            return step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
+
         self._device = jax.devices()[0]
         self._epoch = jax.jit(epoch, donate_argnums=0)
-        self._step = jax.jit(step, donate_argnums=0)  # the last, partial batch
+        self._step = jax.jit(indexed_step, donate_argnums=0)  # one batch (the last, partial one)
         self._infer = jax.jit(infer)
+        # XLA:CPU (jaxlib 0.10) leaves the gradients of a convolution inside a loop (the scan) in a
+        # non-canonical layout that its generic emitter runs instead of the Eigen kernels it uses
+        # elsewhere: the default CNN's epoch took 13x longer as one scan than as one compiled call
+        # per batch (benchmarks/train_speed.py --model cnn). Models with convolutions take batches
+        # one call at a time on a CPU; everything else, one call per epoch.
+        has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
+        self.one_call_per_epoch = not (has_conv and jax.default_backend() == "cpu")
 
     # Keras objects <-> the tuple of arrays the compiled functions carry.
     def _state(self):
@@ -126,15 +136,14 @@ class CompiledEngine:
     def train_epoch(self, x: jax.Array, y: jax.Array, order: np.ndarray) -> dict[str, float]:
         """One pass over ``x[order]`` in batches; Keras's running loss and accuracy of the epoch."""
         n, bs = len(order), self.batch_size
-        n_full = (n // bs) * bs
+        n_full = (n // bs) * bs if self.one_call_per_epoch else 0
         state = self._state()
         loss_sum, correct = 0.0, 0
         if n_full:
             state, ls, c = self._epoch(state, x, y, jnp.asarray(order[:n_full]))
             loss_sum, correct = loss_sum + ls, correct + c
-        if n_full < n:
-            idx = jnp.asarray(order[n_full:])
-            state, (ls, c) = self._step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
+        for start in range(n_full, n, bs):
+            state, (ls, c) = self._step(state, x, y, jnp.asarray(order[start : start + bs]))
             loss_sum, correct = loss_sum + ls, correct + c
         self._store(state)
         # Averages over the epoch, weights changing as it goes, as fit reports them.

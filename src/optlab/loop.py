@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from optlab import models, optim  # noqa: E402
 from optlab.artifacts import Split  # noqa: E402
+from optlab.backend import choose_engine  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
 from optlab.params import Params  # noqa: E402
 
@@ -75,6 +76,20 @@ def check_diverged(epoch: int, logs: dict[str, float], params: Params, n_classes
 
 
 OnEpoch = Callable[[int, dict[str, float], History], None]
+
+
+def resolve_loop(params: Params) -> str:
+    """``train.loop`` on the backend Keras runs: ``auto`` is the compiled loop on JAX, ``fit``
+    elsewhere; a backend set explicitly in params must be the one Keras runs."""
+    running = keras.backend.backend()
+    if params.train.backend not in ("auto", running):
+        raise OptlabError(
+            f"params.yaml says train.backend: {params.train.backend}, but Keras runs on {running}: "
+            f"call optlab.backend.configure() with the backend the params choose before importing Keras"
+        )
+    if params.train.loop == "compiled" and running != "jax":
+        raise OptlabError("train.loop 'compiled' needs the jax backend; write train.loop: keras (or auto)")
+    return choose_engine(running, params.train.loop, params.model.name).loop
 
 
 class _EpochStart(keras.callbacks.Callback):
@@ -139,23 +154,26 @@ class _Batches(keras.utils.PyDataset):
 class Loop:
     """A compiled Keras model, its optimizer's learning rate, and the engine that steps it."""
 
-    def __init__(self, model: keras.Model, params: Params, steps_per_epoch: int, rate: optim.AppliedRate) -> None:
-        self.model, self.params, self.steps_per_epoch, self.rate = model, params, steps_per_epoch, rate
+    def __init__(
+        self, model: keras.Model, params: Params, steps_per_epoch: int, rate: optim.AppliedRate, loop: str
+    ) -> None:
+        self.model, self.params, self.steps_per_epoch, self.rate, self.loop = model, params, steps_per_epoch, rate, loop
         self.engine = None
-        if params.train.loop == "compiled":
+        if loop == "compiled":
             from optlab.engine import CompiledEngine
 
             self.engine = CompiledEngine(model, params.train.batch_size, EVAL_ROWS)
 
     @classmethod
     def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int) -> Loop:
-        """The model and optimizer ``params`` describe, ready to train on ``n_train`` examples."""
+        """The model and optimizer ``params`` describe, ready to train on ``n_train`` examples, on
+        the backend Keras runs (``optlab.backend.configure`` chose it)."""
         steps = math.ceil(n_train / params.train.batch_size)  # the last batch may be partial
         rate = optim.build_schedule(params, steps)
         optimizer = optim.build_optimizer(params, rate)
         model = models.build_model(params.model, input_shape, n_classes, params.seed)
         models.compile_model(model, optimizer)
-        return cls(model, params, steps, optim.AppliedRate(optimizer, rate))
+        return cls(model, params, steps, optim.AppliedRate(optimizer, rate), resolve_loop(params))
 
     def fit(
         self,
@@ -179,6 +197,10 @@ class Loop:
         everything = [start, *([plateau] if plateau else []), *callbacks, end]
         first, epochs = len(history.epochs), self.params.train.epochs
         if self.engine is None:
+            if keras.backend.backend() == "tensorflow":
+                # TensorFlow's op determinism (optlab.backend.configure) wants a seed for any op
+                # that draws from its global generator; optlab's own draws are all seeded already.
+                keras.utils.set_random_seed(self.params.seed)
             self.model.fit(
                 _Batches(train.x, train.y, self.params.train.batch_size, self.params.seed, first),
                 epochs=epochs, initial_epoch=first, shuffle=False, validation_data=(val.x, val.y),

@@ -157,8 +157,10 @@ class KeepBestParams(Section):
 class TrainParams(Section):
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)]
-    backend: Literal["jax", "tensorflow"]  # results differ slightly between backends
-    loop: Literal["compiled", "keras"]  # compiled: one XLA program per epoch (jax only)
+    # auto: the fastest on this machine, by a rule optlab.backend.choose_backend documents and
+    # run.json records; results differ slightly between backends.
+    backend: Literal["auto", "jax", "tensorflow"]
+    loop: Literal["auto", "compiled", "keras"]  # compiled: one XLA program per epoch (jax only)
     early_stopping: EarlyStoppingParams
     keep_best: KeepBestParams
     tensorboard: bool

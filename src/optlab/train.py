@@ -23,6 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from optlab import artifacts  # noqa: E402
+from optlab.backend import Engine, engine_for  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
 from optlab.loop import History, Loop  # noqa: E402
 from optlab.models import trainable_params  # noqa: E402
@@ -31,7 +32,7 @@ from optlab.outputs import atomic_dir, atomic_file, remove_outputs, temporaries 
 from optlab.params import Params  # noqa: E402
 
 
-def run_info(params: Params, fingerprint: dict[str, str]) -> dict:
+def run_info(params: Params, engine: Engine, fingerprint: dict[str, str]) -> dict:
     """What produced this model: enough to re-create it or explain why it differs."""
     import importlib.metadata as md
 
@@ -41,8 +42,9 @@ def run_info(params: Params, fingerprint: dict[str, str]) -> dict:
             versions[pkg] = md.version(pkg)
     return {
         "params": params.model_dump(),
-        "backend": keras.backend.backend(),
-        "loop": params.train.loop,
+        "backend": engine.backend,
+        "loop": engine.loop,
+        "engine_rule": engine.rule,
         "threads": os.environ.get("OPTLAB_THREADS", "0"),
         "versions": versions,
         "python": platform.python_version(),
@@ -199,7 +201,8 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
         "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
         "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
     }
-    info = {**run_info(params, fingerprint), "timings": timings}
+    engine = Engine(keras.backend.backend(), loop.loop, engine_for(params).rule)
+    info = {**run_info(params, engine, fingerprint), "timings": timings}
     with atomic_dir(live_dir) as tmp:
         artifacts.write_run(tmp, history.epochs, summary, info)
     artifacts.save_model(model, model_path)  # last: its presence means the run completed
