@@ -44,7 +44,10 @@ def test_the_repository_params_are_valid():
         ({"model.hidden": [4096]}, ["model.hidden.0", "less than or equal to 2048"]),
         ({"prepare.val_fraction": 1.5}, ["prepare.val_fraction", "less than 1"]),
         ({"prepare.val_fraction": 0}, ["prepare.val_fraction", "greater than 0"]),
-        ({"train.backend": "tensorflow", "train.loop": "compiled"}, ["train.loop 'compiled' runs on the jax backend only", "train.loop: keras"]),
+        (
+            {"train.backend": "tensorflow", "train.loop": "compiled"},
+            ["train.loop 'compiled' runs on the jax backend only", "train.loop: keras"],
+        ),
     ],
 )
 def test_bad_values_are_refused_with_the_key_and_the_fix(override, expected):
