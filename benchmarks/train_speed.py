@@ -17,7 +17,7 @@ Each row runs in its own process (a backend is fixed per process) one after the 
 see the same machine. Seconds per epoch are the median over epochs after the first (the first
 includes tracing and compiling). The last line printed is one JSON object.
 
-    python benchmarks/train_speed.py [--epochs 10] [--cnn-epochs 3] [--cnn-images 6400] [--only mlp|cnn]
+    python benchmarks/train_speed.py [--epochs 10] [--cnn-epochs 5] [--cnn-images 6400] [--only mlp|cnn]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def optlab_path(data: Path, epochs: int, n_train: int, model: str, **engine) -> 
     return {
         "epoch_seconds": history.seconds,
         "test_accuracy": loop.measure(test)["accuracy"],
-        "engine": f"{chosen.backend}/{loop.loop}",
+        "engine": f"{loop.choice.backend}/{loop.choice.loop}",
     }
 
 
@@ -171,7 +171,7 @@ def run_worker(model: str, row: str, data: Path, epochs: int, n_train: int) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=10, help="MLP epochs per row (the recipe uses 10)")
-    ap.add_argument("--cnn-epochs", type=int, default=3, help="CNN epochs per row (the first one compiles)")
+    ap.add_argument("--cnn-epochs", type=int, default=5, help="CNN epochs per row (the first one compiles)")
     ap.add_argument("--cnn-images", type=int, default=6400, help="CNN training images per epoch (0: all 54,000)")
     ap.add_argument("--only", choices=["mlp", "cnn"], help="one model's rows only")
     ap.add_argument("--skip-jax-fit", action="store_true", help="leave out the Keras-fit-on-JAX rows")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+from optlab import backend as backend_module
 from optlab.backend import KERAS_EXTRAS
 
 
@@ -78,3 +81,26 @@ def test_configure_refuses_a_keras_already_loaded_with_another_backend():
         "try:\n    configure('tensorflow')\nexcept OptlabError as e:\n    print(str(e)[:60])"
     )
     assert out.startswith("Keras was already imported with the 'jax' backend"), out
+
+
+# --- train.backend / train.loop: auto -------------------------------------------------------------
+@pytest.mark.parametrize(
+    "backend, loop, model, gpu, expected",
+    [
+        ("auto", "auto", "mlp", False, ("jax", "compiled")),
+        ("auto", "auto", "cnn", False, ("tensorflow", "keras")),  # oneDNN convolutions on a CPU
+        ("auto", "auto", "cnn", True, ("jax", "compiled")),  # XLA's GPU convolutions are fast
+        ("auto", "compiled", "cnn", False, ("jax", "compiled")),  # the compiled loop implies JAX
+        ("auto", "keras", "mlp", False, ("jax", "keras")),
+        ("jax", "auto", "cnn", False, ("jax", "compiled")),  # set by hand: no rule applies
+        ("tensorflow", "auto", "mlp", False, ("tensorflow", "keras")),
+    ],
+)
+def test_auto_picks_the_engine_by_a_stated_rule(monkeypatch, backend, loop, model, gpu, expected):
+    monkeypatch.setattr(backend_module, "_jax_sees_an_accelerator", lambda: gpu)
+    engine = backend_module.choose_engine(backend, loop, model)
+    assert (engine.backend, engine.loop) == expected
+    if backend == "auto":
+        assert engine.rule.startswith("backend auto: ") and engine.backend in engine.rule
+    else:
+        assert "backend auto" not in engine.rule

@@ -136,6 +136,49 @@ def test_compiled_loop_matches_keras_fit_on_one_step():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_cnn_takes_one_call_per_batch_and_matches_keras_steps():
+    # XLA:CPU runs convolution gradients far slower inside the epoch's scan, so a model with
+    # convolutions is stepped one compiled call per batch; the arithmetic is Keras's own.
+    p = small(**{"model.name": "cnn", "model.conv_filters": [4], "model.hidden": [32], "model.dropout": 0.0,
+                 "train.batch_size": 8, "train.backend": "jax"})  # fmt: skip
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20, 8, 8, 1)).astype("float32")  # two full batches and a partial one
+    y = np.arange(20, dtype="int32") % 10
+    models = [Loop.build(p, (8, 8, 1), 10, 20).model for _ in range(2)]
+    for start in range(0, 20, 8):
+        models[0].train_on_batch(x[start : start + 8], y[start : start + 8])
+    engine = CompiledEngine(models[1], batch_size=8, eval_rows=1024)
+    assert not engine.one_call_per_epoch
+    assert CompiledEngine(Loop.build(small(), (64,), 10, 20).model, 8, 1024).one_call_per_epoch  # the MLP: one scan
+    import jax.numpy as jnp
+
+    engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(20, dtype="int32"))
+    for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_cnn_trains_on_the_engine_the_auto_rule_picks_and_says_so(tmp_path):
+    data = prepared_digits(tmp_path / "prepared", flatten=False)
+    cnn = {"dataset": "digits", "model.name": "cnn", "model.conv_filters": [8], "model.hidden": [32],
+           "train.epochs": 1, "prepare.flatten": False}  # fmt: skip
+    for tag, engine in (("auto", {}), ("jax", {"train.backend": "jax"})):
+        proc = _train_stage(tmp_path, repo_params(**cnn, **engine), data, tag)
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads((tmp_path / f"live{tag}" / "run.json").read_text())
+        if tag == "auto":  # on this CPU machine with TensorFlow installed
+            assert (info["backend"], info["loop"]) == ("tensorflow", "keras"), info
+            assert (
+                info["engine_rule"] == "backend auto: a cnn on a CPU trains on tensorflow (oneDNN convolutions); "
+                "loop auto: keras on tensorflow"
+            )
+        else:  # overridden with -S train.backend=jax
+            assert (info["backend"], info["loop"], info["engine_rule"]) == (
+                "jax",
+                "compiled",
+                "loop auto: compiled on jax",
+            )
+
+
 @pytest.mark.parametrize("n", [300, 1024, 2500])  # fewer rows than one chunk, exactly one, a partial last one
 def test_compiled_evaluation_matches_keras(n):
     p = small(**{"model.hidden": [32], "model.dropout": 0.3, "model.l2": 1e-3})
@@ -330,7 +373,8 @@ def test_cnn_on_flat_prepared_data_fails_before_training(tmp_path, engine):
 
 def test_cnn_trains_on_image_shaped_data(tmp_path):
     data = prepared_digits(tmp_path / "prepared", flatten=False)
-    p = small(**{"model.name": "cnn", "model.conv_filters": [8], "model.augment": True, "train.epochs": 2})
+    p = small(**{"model.name": "cnn", "model.conv_filters": [8], "model.augment": True, "train.epochs": 2,
+                 "train.backend": "jax"})  # fmt: skip
     summary = run_train(p, data, tmp_path)
     assert summary["epochs_run"] == 2 and np.isfinite(summary["inference_val_accuracy"])
     assert keras.saving.load_model(tmp_path / "model.keras").input_shape == (None, 8, 8, 1)

@@ -12,6 +12,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,6 +51,27 @@ def _hidden(modules: tuple[str, ...]) -> Iterator[None]:
         for m in hidden:
             if sys.modules.get(m, ...) is None:
                 del sys.modules[m]
+
+
+@contextlib.contextmanager
+def _native_stderr_kept_unless_failing() -> Iterator[None]:
+    """Hold back what native code writes to stderr inside the block, and show it only if the block
+    fails. TensorFlow 2.21 logs start-up notes ("oneDNN custom operations are on", "Could not find
+    cuda drivers") before its log level applies, on every import: noise in every stage's output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def import_keras() -> None:
@@ -149,7 +171,9 @@ def configure(backend: str) -> None:
                 f"{backend!r}: call optlab.backend.configure() before anything imports Keras"
             )
     os.environ["KERAS_BACKEND"] = backend
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    # TensorFlow's C++ logs, errors included: on a CPU it logs a failed CUDA probe and a tf.data
+    # version note as errors on every run. Real failures still raise. Set it to 0 to see them all.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     n = threads()
     if backend == "jax":
         # XLA:CPU runs one thread pool; pin it to n threads.
@@ -166,7 +190,8 @@ def configure(backend: str) -> None:
         if n:
             os.environ["TF_NUM_INTRAOP_THREADS"] = str(n)
             os.environ["TF_NUM_INTEROP_THREADS"] = str(n)
-        import tensorflow as tf
+        with _native_stderr_kept_unless_failing():
+            import tensorflow as tf
 
         # Same kernels, same order of float additions: bit-identical reruns on one machine.
         tf.config.experimental.enable_op_determinism()

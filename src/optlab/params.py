@@ -167,7 +167,7 @@ class TrainParams(Section):
 
     @model_validator(mode="after")
     def _loop_needs_jax(self) -> TrainParams:
-        if self.loop == "compiled" and self.backend != "jax":
+        if self.loop == "compiled" and self.backend == "tensorflow":
             raise ValueError(
                 "train.loop 'compiled' runs on the jax backend only; "
                 "write train.loop: keras to train with TensorFlow, or train.backend: jax"

@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from optlab import artifacts  # noqa: E402
-from optlab.backend import Engine, engine_for  # noqa: E402
+from optlab.backend import Engine  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
 from optlab.loop import History, Loop  # noqa: E402
 from optlab.models import trainable_params  # noqa: E402
@@ -201,8 +201,7 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
         "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
         "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
     }
-    engine = Engine(keras.backend.backend(), loop.loop, engine_for(params).rule)
-    info = {**run_info(params, engine, fingerprint), "timings": timings}
+    info = {**run_info(params, loop.choice, fingerprint), "timings": timings}
     with atomic_dir(live_dir) as tmp:
         artifacts.write_run(tmp, history.epochs, summary, info)
     artifacts.save_model(model, model_path)  # last: its presence means the run completed
