@@ -119,18 +119,23 @@ def keras_fit(data: Path, epochs: int, n_train: int, backend: str, model: str) -
     return {"epoch_seconds": times, "test_accuracy": float(acc)}
 
 
-def optlab_path(data: Path, epochs: int, n_train: int, model: str, **engine) -> dict:
-    """optlab's train stage code path: params, the engine they choose, Loop.build and fit."""
+def optlab_path(data: Path, epochs: int, n_train: int, model: str, bare: bool = False, **engine) -> dict:
+    """optlab's train stage code path: params, the engine they choose, Loop.build and fit, with the
+    per-epoch progress lines (to /dev/null) and the backprop diagnostics as in a real run.
+    ``bare``: neither, and each epoch one compiled call, to measure what they cost."""
     from optlab.backend import configure, engine_for
 
-    params = experiment(model, epochs, **engine)
-    chosen = engine_for(params)
-    configure(chosen.backend)
-    from optlab.loop import Loop
+    params = experiment(model, epochs, **{"train.diagnostics": not bare, **engine})
+    configure(engine_for(params).backend)
+    from optlab import engine as compiled
+    from optlab.loop import Loop, Progress
 
+    if bare:
+        compiled.CHUNK_STEPS = 1 << 30  # the whole epoch in one call: no point to show progress at
     train, val, test = _splits(data, n_train)
     loop = Loop.build(params, train.x.shape[1:], 10, len(train.y))
-    history = loop.fit(train, val)
+    with open(os.devnull, "w") as quiet:
+        history = loop.fit(train, val, progress=None if bare else Progress(epochs, quiet))
     return {
         "epoch_seconds": history.seconds,
         "test_accuracy": loop.measure(test)["accuracy"],
@@ -144,6 +149,7 @@ ROWS = {
         "reference": lambda d, e, n: keras_fit(d, e, n, REFERENCE_BACKEND, "mlp"),
         "keras_jax_fit": lambda d, e, n: keras_fit(d, e, n, "jax", "mlp"),
         "optlab": lambda d, e, n: optlab_path(d, e, n, "mlp"),
+        "optlab_bare": lambda d, e, n: optlab_path(d, e, n, "mlp", bare=True),
     },
     "cnn": {
         "reference": lambda d, e, n: keras_fit(d, e, n, REFERENCE_BACKEND, "cnn"),

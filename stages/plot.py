@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     y_test, classes = prepared.splits["test"].y, prepared.meta.classes
     figures = plotting.Figures(
         history=artifacts.read_history(args.history),
+        diagnostics=artifacts.read_diagnostics(args.history),
         test_metrics=artifacts.load_test_metrics(args.test_metrics),
         y_test=y_test,
         probabilities=artifacts.load_predictions(args.predictions, len(y_test), len(classes)),

@@ -144,6 +144,28 @@ def fashion_mnist_files() -> tuple[str, dict[str, Path]]:
     )
 
 
+@pytest.fixture(scope="session")
+def fashion_mnist_prepared(fashion_mnist_files, tmp_path_factory) -> Path:
+    """Real Fashion-MNIST as the prepare stage leaves it with the repository's params (flat,
+    [-1, 1], 54,000 + 6,000 + 10,000 images), through optlab's own download and prepare code."""
+    from optlab import artifacts, datasets, prepare
+    from optlab.params import load_params
+
+    _, paths = fashion_mnist_files
+    directory = next(iter(paths.values())).parent
+    spec = datasets.DATASETS["fashion_mnist"]
+    raw_dir, out = tmp_path_factory.mktemp("fashion_raw"), tmp_path_factory.mktemp("fashion_prepared")
+    previous = os.environ.get("OPTLAB_DATA_DIR")
+    os.environ["OPTLAB_DATA_DIR"] = str(directory)  # the very files the fixture found and verified
+    try:
+        artifacts.save_raw(datasets.fetch(spec).raw, raw_dir)
+    finally:
+        os.environ.pop("OPTLAB_DATA_DIR") if previous is None else os.environ.update(OPTLAB_DATA_DIR=previous)
+    params = load_params(REPO / "params.yaml")
+    artifacts.save_prepared(prepare.prepare(artifacts.load_raw(raw_dir), params.prepare), out)
+    return out
+
+
 @pytest.fixture
 def digits_dir(tmp_path: Path) -> Path:
     return prepared_digits(tmp_path / "prepared")

@@ -51,6 +51,7 @@ FIGURES = {
     "confusion_matrix.png",
     "per_class_f1.png",
     "confused_images.png",
+    "gradients.png",
 }
 UP_TO_DATE = "Data and pipelines are up to date."
 QUEUE_TIMEOUT_S = 900

@@ -31,7 +31,8 @@ from optlab.errors import OptlabError
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = (
-    "learning_curves.png", "learning_rate.png", "confusion_matrix.png", "per_class_f1.png", "confused_images.png"
+    "learning_curves.png", "learning_rate.png", "confusion_matrix.png", "per_class_f1.png", "confused_images.png",
+    "gradients.png",
 )  # fmt: skip
 
 
@@ -101,6 +102,32 @@ def test_history_figures(tmp_path, epochs, lr_decay):
     assert_png(tmp_path / "learning_rate.png")
 
 
+@pytest.mark.parametrize("layers", [["dense1", "dense2", "output"], ["conv1", "conv2", "conv3", "conv4", "output"], []])
+def test_the_gradients_figure_reads_the_diagnostics_dvclive_wrote(tmp_path, layers):
+    from dvclive import Live
+
+    from optlab.artifacts import DIAGNOSTICS, read_diagnostics
+
+    with Live(dir=str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        for epoch in range(6):
+            for i, layer in enumerate(layers):
+                live.log_metric(f"{DIAGNOSTICS}/grad_norm/{layer}", 0.5 / (epoch + 1) / (i + 1))
+                live.log_metric(f"{DIAGNOSTICS}/weight_norm/{layer}", 5.0 + epoch)
+                live.log_metric(f"{DIAGNOSTICS}/update_ratio/{layer}", 1e-3 * 0.7**epoch)
+                if layer != "output":
+                    live.log_metric(f"{DIAGNOSTICS}/dead_fraction/{layer}", 0.02 * epoch)
+            live.next_step()
+    diagnostics = read_diagnostics(tmp_path / "live")
+    if layers:
+        assert list(diagnostics["grad_norm"].columns) == sorted(layers) and list(diagnostics["grad_norm"].index) == [
+            1, 2, 3, 4, 5, 6]  # fmt: skip
+        assert "output" not in diagnostics["dead_fraction"].columns
+    else:
+        assert diagnostics == {}  # the keras loop logs none: the figure says so
+    plotting.gradients(diagnostics, tmp_path / "gradients.png")
+    assert_png(tmp_path / "gradients.png")
+
+
 @pytest.mark.parametrize("n_classes, channels", [(10, 1), (100, 3)])
 def test_test_set_figures(tmp_path, n_classes, channels):
     classes, y, probs, images = fake_test_set(n_classes, n=5 * n_classes, channels=channels)
@@ -109,7 +136,7 @@ def test_test_set_figures(tmp_path, n_classes, channels):
     plotting.confusion_matrix(cm, classes, tmp_path / "confusion_matrix.png")
     plotting.per_class_f1(summary["per_class"], summary["f1_macro"], tmp_path / "per_class_f1.png")
     plotting.confused_images(images, y, probs, classes, 16, tmp_path / "confused_images.png")
-    for name in FIGURES[2:]:
+    for name in FIGURES[2:5]:
         assert_png(tmp_path / name)
 
 

@@ -336,25 +336,51 @@ def test_stage_start_removes_temporaries_a_killed_write_left(tmp_path):
     assert not any(p.exists() for p in leftovers) and unrelated.exists()
 
 
+def _diverging(engine: dict, **extra) -> dict:
+    # Adam at learning rate 10, no warm-up: the loss explodes in the first epoch.
+    knobs = {"dataset": "digits", "train.epochs": 5, "optim.adam.learning_rate": 10.0, "schedule": "constant",
+             "model.hidden": [64], **engine, **extra}  # fmt: skip
+    return repo_params(**knobs)
+
+
 @BACKENDS
-def test_divergence_stops_with_the_epoch_and_cause_and_saves_nothing(tmp_path, engine):
+def test_a_diverged_run_is_recorded_as_a_result(tmp_path, engine):
     data = prepared_digits(tmp_path / "prepared")
-    # The issue's example: Adam at learning rate 10, no warm-up.
-    params = repo_params(
-        **{
-            "dataset": "digits",
-            "train.epochs": 5,
-            "optim.adam.learning_rate": 10.0,
-            "schedule": "constant",
-            "model.hidden": [64],
-            **engine,
-        }
-    )
-    proc = _train_stage(tmp_path, params, data)
+    proc = _train_stage(tmp_path, _diverging(engine), data)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: training diverged at epoch 1" in proc.stderr and "learning rate too high" in proc.stderr
+    assert "epoch 1/5:" in proc.stdout and "epoch 2/5:" not in proc.stdout  # stopped after the diverged epoch
+    summary = json.loads((tmp_path / "live/metrics.json").read_text())
+    assert (summary["diverged"], summary["diverged_epoch"], summary["epochs_run"]) == (1, 1, 1), summary
+    rows = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
+    assert len(rows) == 2 and float(rows[1].split("\t")[1]) > 3 * np.log(10)  # the exploded epoch is in the curve
+    info = json.loads((tmp_path / "live/run.json").read_text())
+    assert info["status"] == "complete" and info["diverged"].startswith("training diverged at epoch 1")
+    model = keras.saving.load_model(tmp_path / "models/model.keras")
+    assert all(np.isfinite(w).all() for w in model.get_weights())  # the last finite weights
+    assert not (tmp_path / ".optlab/backup").exists()
+
+
+@BACKENDS
+def test_a_diverged_run_fails_and_records_nothing_when_asked(tmp_path, engine):
+    data = prepared_digits(tmp_path / "prepared")
+    proc = _train_stage(tmp_path, _diverging(engine, **{"train.on_divergence": "fail"}), data)
     assert proc.returncode == 2
     assert "diverged at epoch 1" in proc.stderr and "learning rate too high" in proc.stderr, proc.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
     assert not (tmp_path / "live").exists()
+
+
+def test_a_collapse_to_chance_after_learning_counts_as_divergence_but_slow_learning_does_not():
+    from optlab.loop import divergence
+
+    p = small()
+    chance = {"loss": 2.35, "accuracy": 0.1, "val_loss": 2.31, "val_accuracy": 0.10}
+    learned = {"loss": 1.2, "accuracy": 0.6, "val_loss": 1.1, "val_accuracy": 0.62}
+    assert divergence(1, chance, [learned], p, 10).startswith("training collapsed at epoch 2")
+    assert divergence(1, chance, [chance], p, 10) == ""  # slow, never better than chance: not stopped
+    assert divergence(0, {**chance, "loss": float("nan")}, [], p, 10).startswith("training diverged at epoch 1")
+    assert divergence(3, learned, [chance, learned], p, 10) == ""
 
 
 def test_prepared_data_of_another_dataset_is_refused(tmp_path):
@@ -422,3 +448,124 @@ def test_train_stage_holds_the_data_about_once():
     result = bench.measure(n=20_000)
     assert result["data_mb"] == 234
     assert result["ratio_above_fixed"] < 1.3, result
+
+
+# --- watching it learn: progress, live logs, diagnostics ---------------------------------------
+def test_progress_prints_a_line_per_epoch_and_a_bar_inside_slow_epochs():
+    import io
+
+    from optlab.loop import Progress
+
+    out = io.StringIO()
+    progress = Progress(epochs=12, stream=out)
+    progress.on_epoch_begin(0)
+    for done in range(1, 101):
+        progress.steps_done(done, 100)  # a fast epoch: no bar
+    logs = {"loss": 0.5, "accuracy": 0.8, "val_loss": 0.4, "val_accuracy": 0.85, "learning_rate": 1e-3}
+    progress.on_epoch_end(0, logs)
+    progress.SLOW = 0.0  # as if every quarter took long
+    progress.on_epoch_begin(1)
+    for done in range(1, 101):
+        progress.steps_done(done, 100)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith(
+        "epoch  1/12: loss 0.5000, accuracy 0.8000; val loss 0.4000, val accuracy 0.8500; lr 0.001"
+    )
+    bars = lines[1:]
+    assert [b.split("]")[1].split("%")[0].strip() for b in bars] == ["25", "50", "75"], bars
+    assert all(b.startswith("  epoch  2/12 [") and "of 100 steps" in b for b in bars)
+
+
+def test_chunk_plan_is_a_pure_function_of_the_step_count():
+    from optlab.engine import chunk_plan
+
+    assert chunk_plan(0) == [] and chunk_plan(100, most=256) == [100]
+    assert chunk_plan(1687, most=256) == [241] * 7  # 1687 = 7 x 241: one program for every chunk
+    assert chunk_plan(1031, most=256) == [256, 256, 256, 256, 7]  # a prime: equal chunks and a rest
+    assert all(sum(chunk_plan(n, 64)) == n and max(chunk_plan(n, 64)) <= 64 for n in range(1, 500))
+
+
+def test_chunks_and_diagnostics_do_not_change_what_is_trained(monkeypatch, tmp_path):
+    import jax.numpy as jnp
+
+    from optlab import engine as compiled
+    from optlab.loop import epoch_order
+
+    train_split = artifacts.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
+    weights = []
+    for most, diagnostics in ((1 << 30, False), (7, False), (5, True)):
+        monkeypatch.setattr(compiled, "CHUNK_STEPS", most)
+        loop = Loop.build(small(**{"train.batch_size": 16, "train.diagnostics": diagnostics}), (64,), 10, 100)
+        for epoch in range(2):
+            order = epoch_order(0, epoch, len(train_split.y))
+            loop.engine.train_epoch(jnp.asarray(train_split.x), jnp.asarray(train_split.y), order)
+        weights.append(np.concatenate([w.ravel() for w in loop.model.get_weights()]))
+    assert all(np.array_equal(weights[0], w) for w in weights[1:])  # bit-identical
+
+
+def test_dead_units_of_a_layer_whose_biases_are_very_negative(tmp_path):
+    import jax.numpy as jnp
+
+    train_split = artifacts.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
+    x, y = jnp.asarray(train_split.x), jnp.asarray(train_split.y)
+    p = small(**{"model.hidden": [64, 32], "model.dropout": 0.0, "optim.adam.learning_rate": 1e-6,
+                 "schedule": "constant"})  # fmt: skip
+    loop = Loop.build(p, (64,), 10, len(y))
+    loop.engine.probe = x[:256]
+    loop.engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32))
+    alive = loop.engine.last_epoch
+    assert set(alive) == {"dense1", "dense2", "output"} and alive["output"].dead_fraction is None
+    assert alive["dense1"].dead_fraction < 0.5
+    first = loop.model.get_layer(loop.engine.weight_layers[0].name)
+    first.bias.assign(np.full(64, -100.0, "float32"))  # no image can activate these units
+    loop.engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32))
+    dead = loop.engine.last_epoch
+    assert dead["dense1"].dead_fraction == 1.0
+    assert all(d.grad_norm >= 0 and d.weight_norm > 0 for d in dead.values())
+
+
+def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tmp_path):
+    data = prepared_digits(tmp_path / "prepared")
+    params = repo_params(**{"dataset": "digits", "train.epochs": 25, "model.hidden": [1024, 1024],
+                            "train.batch_size": 8})  # fmt: skip
+    write_params(tmp_path / "params.yaml", params)
+    cmd = [sys.executable, str(REPO / "stages/train.py"), *train_args(data)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    curve, seen, deadline = tmp_path / "live/plots/metrics/val/accuracy.tsv", {}, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            rows = len(curve.read_text().splitlines()) - 1
+            status = json.loads((tmp_path / "live/run.json").read_text())["status"]
+        except (FileNotFoundError, ValueError, KeyError):
+            rows, status = 0, None
+        if rows > 0 and not (tmp_path / "models/model.keras").exists():
+            seen[rows] = status
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    mid_run = {rows: status for rows, status in seen.items() if rows < 25}
+    assert len(mid_run) >= 3, f"the history should grow while training runs: {seen}"
+    assert set(mid_run.values()) == {"running"}, seen
+    assert json.loads((tmp_path / "live/run.json").read_text())["status"] == "complete"
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == [
+        f"epoch {e:>2}/25" for e in range(1, 26)
+    ]
+
+
+def test_the_diagnostics_explain_adam_at_0_1_on_fashion_mnist(fashion_mnist_prepared, tmp_path):
+    # Report 003's failed recipe with optimizer=adam, learning rate 0.1: the first epoch's updates
+    # are far larger relative to the weights than the default run's, and the run collapses.
+    runs = {}
+    # Two epochs of the default run (its first epoch is the 20-epoch run's: the warm-up does not
+    # depend on the epoch count); the whole of the other, which stops when it collapses.
+    for name, knobs in (("default", {"train.epochs": 2}), ("adam 0.1", {"optim.adam.learning_rate": 0.1})):
+        p = validate_params(repo_params(**knobs))
+        runs[name] = train.run(p, fashion_mnist_prepared, tmp_path / name / "m.keras", tmp_path / name / "live",
+                               tmp_path / "backup", tmp_path / "logs", progress=False)  # fmt: skip
+    default, fast = runs["default"], runs["adam 0.1"]
+    ratio = fast["first_epoch_update_ratio"] / default["first_epoch_update_ratio"]
+    print(f"\n[record] epoch-1 update/weight ratio: default {default['first_epoch_update_ratio']:.2e}, "
+          f"adam 0.1 {fast['first_epoch_update_ratio']:.2e} ({ratio:.0f}x)")  # fmt: skip
+    assert ratio >= 10, (default, fast)
+    assert default["diverged"] == 0 and fast["diverged"] == 1 and fast["diverged_epoch"] == 2
+    assert fast["dead_unit_fraction"] > 0.5 > default["dead_unit_fraction"]

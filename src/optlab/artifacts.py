@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from optlab.errors import OptlabError
-from optlab.outputs import atomic_file, write_json
+from optlab.outputs import atomic_file, remove_outputs, write_json
 
 META = "meta.json"  # in the raw and the prepared data directories
 SPLITS = ("train", "val", "test")  # the prepared splits; the test split is never used to choose
@@ -261,19 +261,70 @@ def history_file(live_dir: str | Path, name: str) -> Path:
     return Path(live_dir) / HISTORY_DIR / f"{HISTORY[name]}.tsv"
 
 
-def write_run(live_dir: Path, epochs: Sequence[Mapping[str, float]], summary: Mapping[str, Any], info: Mapping) -> None:
-    """Log the per-epoch history and the summary with dvclive into ``live_dir`` (which must be
-    empty: the caller writes it atomically), and the run's provenance beside them."""
-    from dvclive import Live
+# Per-layer curves, logged as f"{DIAGNOSTICS}/{kind}/{layer}" beside the history: plots only,
+# never summary columns (dvc exp show stays readable).
+DIAGNOSTICS = "diagnostics"
+DIAGNOSTIC_KINDS = ("grad_norm", "weight_norm", "update_ratio", "dead_fraction")
 
-    with Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for logs in epochs:
-            for key, name in HISTORY.items():
-                live.log_metric(name, logs[key])
-            live.next_step()
+
+class TrainLog:
+    """A training run's dvclive directory, written epoch by epoch while the run goes, so that
+    `dvc exp show`, `dvc plots show` and DVC's VS Code extension can follow it.
+
+    While training, it holds the history so far and a RUN_INFO whose ``status`` is
+    ``"running"``; a killed run leaves it so (recognisably incomplete, and DVC records nothing:
+    it writes dvc.lock only when the stage succeeds), and the next run, or its resume, replaces
+    the whole directory. :meth:`finish` adds the summary and the final RUN_INFO (``"complete"``);
+    :meth:`abandon` removes everything when the run fails.
+    """
+
+    def __init__(self, live_dir: str | Path, info: Mapping[str, Any]) -> None:
+        from dvclive import Live
+
+        self.dir = Path(live_dir)
+        remove_outputs(self.dir)
+        self.live = Live(dir=str(self.dir), save_dvc_exp=False, dvcyaml=None, report=None)
+        self._info(info, "running")
+
+    def _info(self, info: Mapping[str, Any], status: str) -> None:
+        write_json(self.dir / RUN_INFO, {**info, "status": status})
+
+    def log_epoch(self, logs: Mapping[str, float], diagnostics: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        for key, name in HISTORY.items():
+            self.live.log_metric(name, logs[key])
+        for layer, values in (diagnostics or {}).items():
+            for kind, value in values.items():
+                if value is not None:
+                    self.live.log_metric(f"{DIAGNOSTICS}/{kind}/{layer}", value)
+        self.live.summary.pop(DIAGNOSTICS, None)  # documented: Live.summary "can be modified manually"
+        self.live.next_step()
+
+    def finish(self, summary: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         for key, value in summary.items():
-            live.log_metric(key, value, plot=False)
-    (live_dir / RUN_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+            self.live.log_metric(key, value, plot=False)
+        self.live.summary.pop(DIAGNOSTICS, None)
+        self.live.end()
+        self._info(info, "complete")
+
+    def abandon(self) -> None:
+        remove_outputs(self.dir)
+
+
+def read_diagnostics(live_dir: str | Path) -> dict[str, Any]:
+    """kind -> a pandas DataFrame (one row per epoch from 1, one column per layer), for the
+    per-layer diagnostics a run logged; empty when it logged none (the keras loop)."""
+    import pandas as pd
+
+    root = Path(live_dir) / HISTORY_DIR / DIAGNOSTICS
+    found = {}
+    for kind in DIAGNOSTIC_KINDS:
+        files = sorted((root / kind).glob("*.tsv")) if (root / kind).is_dir() else []
+        if files:
+            table = pd.DataFrame({f.stem: _read_series(f, f.stem) for f in files}).sort_index()
+            table.index = table.index + 1
+            table.index.name = "epoch"
+            found[kind] = table
+    return found
 
 
 def _read_series(path: Path, column: str) -> Any:

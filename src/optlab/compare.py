@@ -161,13 +161,14 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
     header = ["rank", "variant", "seeds"]
     for title in METRICS.values():
         header += [f"{title} (mean ± sd)", "95% CI"]
+    header.append("diverged")
     rows = []
     for rank, g in enumerate(cmp.ranked, start=1):
         row = [rank, g.label, len(g.runs)]
         for metric in METRICS:
             values = g.values(metric)
             row += [_pm(describe(values)), _ci(describe(values))] if values else ["–", "–"]
-        rows.append(row)
+        rows.append([*row, f"**{g.diverged} of {len(g.runs)}**" if g.diverged else "–"])
     out += _table(header, rows)
 
     out += ["", "## Against the baseline", ""]
@@ -177,7 +178,7 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
             if g is base:
                 continue
             d, p_holm = cmp.differences[id(g)]
-            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), _p(d.p_value), _p(p_holm), verdict(d, p_holm)])
+            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), _p(d.p_value), _p(p_holm), judged(g, base, d, p_holm)])
         out += _table(["variant", "Δ test accuracy", "95% CI of Δ", "p (Welch)", "p (Holm)", "verdict"], rows)
     else:
         out.append("No other comparable variant.")
@@ -238,6 +239,15 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
     out += _table(["variant", "seed", "run", "rev", *METRICS.values()], rows)
     out += ["", "</details>", ""]
     return "\n".join(out)
+
+
+def judged(variant: Group, baseline: Group, d: Difference, p_holm: float) -> str:
+    """The verdict, unless a run diverged: a diverged run is a failure, not a draw from seed noise."""
+    sides = ((variant, "its"), (baseline, "the baseline's"))
+    failed = [f"{g.diverged} of {len(g.runs)} {name} seeds" for g, name in sides if g.diverged]
+    if failed:
+        return f"diverged ({' and '.join(failed)}): not a question of seed noise"
+    return verdict(d, p_holm)
 
 
 def _ci_diff(d: Difference) -> str:

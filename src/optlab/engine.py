@@ -12,6 +12,9 @@ epoch driver (``optlab.loop``) runs the callbacks, keeps the history and checks 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from optlab.backend import require_chosen
 
 require_chosen(__name__)
@@ -39,18 +42,74 @@ def to_device(array: np.ndarray) -> jax.Array:
     return jnp.asarray(array)
 
 
-class CompiledEngine:
-    """Epoch-at-a-time training and whole-split inference of a compiled Keras model."""
+CHUNK_STEPS = 256  # at most this many steps per compiled call: progress can be shown between calls
+# Diagnostics measure one step in this many (steps 0, 16, 32, ... of each compiled call), chosen
+# inside the scan with a `cond`: measuring every step made the default MLP's epoch 40% slower (a
+# dozen reductions over every weight, each step); one in 16 costs about 3% (benchmarks/train_speed.py).
+DIAGNOSED_EVERY = 16
 
-    def __init__(self, model: keras.Model, batch_size: int, eval_rows: int) -> None:
+
+def chunk_plan(n_steps: int, most: int = CHUNK_STEPS) -> list[int]:
+    """Split ``n_steps`` into consecutive chunks of at most ``most`` steps, all of one length when
+    a divisor allows (one compiled program), else equal chunks and a shorter last one (two).
+
+    A pure function of the step count, so a rerun, or a resumed run, steps exactly as before.
+    """
+    if n_steps <= most:
+        return [n_steps] if n_steps else []
+    fewest = -(-n_steps // most)
+    for k in range(fewest, 2 * fewest + 1):
+        if n_steps % k == 0:
+            return [n_steps // k] * k
+    return [most] * (n_steps // most) + ([n_steps % most] if n_steps % most else [])
+
+
+@dataclass(frozen=True)
+class LayerDiagnostics:
+    """How one weight layer (dense or conv) trained during an epoch."""
+
+    grad_norm: float  # L2 norm of the loss gradient w.r.t. the layer's weights: root mean square over measured steps
+    weight_norm: float  # L2 norm of its weights at the end of the epoch
+    update_ratio: (
+        float  # one step's ||w_after - w_before|| (root mean square over the steps) / ||w|| at the epoch's start
+    )
+    dead_fraction: float | None  # units never active (ReLU output 0) on the probe batch; None: not ReLU
+
+
+class CompiledEngine:
+    """Epoch-at-a-time training and whole-split inference of a compiled Keras model.
+
+    With ``diagnostics``, one step in DIAGNOSED_EVERY also measures, per weight layer, the squared
+    norms of its gradient and of its update (inside the compiled program: a few percent of the
+    epoch); each epoch then reports per layer the gradient norm and the update's size relative to
+    the weights (root mean squares over the measured steps: an average that one exploding step
+    cannot hide), the weights' norms, and the fraction of ReLU units that no image of a fixed
+    probe batch activates.
+    """
+
+    def __init__(self, model: keras.Model, batch_size: int, eval_rows: int, diagnostics: bool = False) -> None:
         """``eval_rows``: examples per inference chunk (memory only; results do not depend on it)."""
         if keras.backend.backend() != "jax":
             raise OptlabError("train.loop 'compiled' needs train.backend: jax")
-        self.model, self.batch_size = model, batch_size
+        self.model, self.batch_size, self.diagnostics = model, batch_size, diagnostics
         self.optimizer = model.optimizer
         self.optimizer.build(model.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy()
         per_example = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+        # The weight layers, in order, and which trainable variables belong to each.
+        self.weight_layers = [
+            layer for layer in model.layers if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D))
+        ]
+        kinds = ["conv" if isinstance(layer, keras.layers.Conv2D) else "dense" for layer in self.weight_layers]
+        # conv1, conv2, ..., dense1, dense2, ..., output: the names diagnostics are logged under.
+        self.labels = [f"{kind}{kinds[: i + 1].count(kind)}" for i, kind in enumerate(kinds[:-1])] + ["output"]
+        index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        groups = [[index[id(v)] for v in layer.trainable_weights] for layer in self.weight_layers]
+
+        def norms(arrays):
+            """Per weight layer: the L2 norm over all its variables."""
+            squares = [jnp.sum(jnp.square(a)) for a in arrays]
+            return jnp.sqrt(jnp.stack([sum(squares[i] for i in g) for g in groups]))
 
         def forward(tv, ntv, x, y):
             probs, ntv, reg = model.stateless_call(tv, ntv, x, training=True, return_losses=True)
@@ -61,19 +120,46 @@ class CompiledEngine:
 
         grad_fn = jax.value_and_grad(forward, has_aux=True)
 
-        def step(state, x, y):
+        def layer_squares(arrays):
+            """Per weight layer, the sum of the squares of all its variables' entries."""
+            squares = [jnp.sum(jnp.square(a)) for a in arrays]
+            return jnp.stack([sum(squares[i] for i in g) for g in groups])
+
+        def step(state, x, y, measured):
+            """One optimizer step; with diagnostics it also returns, per weight layer, the squared
+            gradient norm and squared update norm when ``measured`` (zeros otherwise)."""
             tv, ntv, ov = state
             (loss, (ntv, correct)), grads = grad_fn(tv, ntv, x, y)
-            tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
-            return (tv, ntv, ov), (loss * y.shape[0], correct)
+            new_tv, ov = self.optimizer.stateless_apply(ov, grads, tv)
+            squares = ()
+            if diagnostics:
+                zero = jnp.zeros(len(groups), jnp.float32)
+                squares = jax.lax.cond(
+                    measured,
+                    lambda: (layer_squares(grads), layer_squares([n - o for n, o in zip(new_tv, tv, strict=True)])),
+                    lambda: (zero, zero),
+                )
+            return (new_tv, ntv, ov), (loss * y.shape[0], correct), squares
 
-        def epoch(state, x, y, order):
-            def body(state, i):
+        def chunk(state, x, y, order):
+            """The steps of ``order``'s full batches, one scan; diagnostics measure one step in
+            DIAGNOSED_EVERY (a measured step costs a dozen reductions over every weight)."""
+
+            def body(carry, i):
+                state, sums = carry
                 idx = jax.lax.dynamic_slice_in_dim(order, i * batch_size, batch_size)
-                return step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
+                measured = i % DIAGNOSED_EVERY == 0
+                state, out, squares = step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), measured)
+                return (state, tuple(a + b for a, b in zip(sums, squares, strict=True))), out
 
-            state, (losses, correct) = jax.lax.scan(body, state, jnp.arange(order.shape[0] // batch_size))
-            return state, jnp.sum(losses), jnp.sum(correct)
+            zero = jnp.zeros(len(groups), jnp.float32)
+            carry = (state, (zero, zero) if diagnostics else ())
+            (state, squares), outs = jax.lax.scan(body, carry, jnp.arange(order.shape[0] // batch_size))
+            return state, (*(jnp.sum(o) for o in outs), squares)
+
+        def indexed_step(state, x, y, idx, measured: bool):
+            state, out, squares = step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0), measured)
+            return state, (*out, squares)
 
         def infer(tv, ntv, x, y):
             # The whole split in one program, eval_rows at a time. Every chunk has the same shape
@@ -84,13 +170,13 @@ class CompiledEngine:
             chunks = -(-n // size)
             starts = jnp.minimum(jnp.arange(chunks) * size, n - size)
 
-            def chunk(start):
+            def part(start):
                 xs = jax.lax.dynamic_slice_in_dim(x, start, size)
                 ys = jax.lax.dynamic_slice_in_dim(y, start, size)
                 probs, _, reg = model.stateless_call(tv, ntv, xs, training=False, return_losses=True)
                 return per_example(ys, probs), probs, (sum(reg) if reg else jnp.float32(0.0))
 
-            losses, probs, reg = jax.lax.map(chunk, starts)
+            losses, probs, reg = jax.lax.map(part, starts)
             # Rows the last chunk repeats from the one before it are dropped.
             tail = n - (chunks - 1) * size
             losses = jnp.concatenate([losses[:-1].reshape(-1), losses[-1, size - tail :]])
@@ -98,20 +184,43 @@ class CompiledEngine:
             correct = jnp.sum(jnp.argmax(probs, axis=-1) == y)
             return jnp.mean(losses) + reg[0], correct, probs
 
-        def indexed_step(state, x, y, idx):
-            return step(state, jnp.take(x, idx, axis=0), jnp.take(y, idx, axis=0))
-
         self._device = jax.devices()[0]
-        self._epoch = jax.jit(epoch, donate_argnums=0)
-        self._step = jax.jit(indexed_step, donate_argnums=0)  # one batch (the last, partial one)
+        self._chunk = jax.jit(chunk, donate_argnums=0)
+        self._step = jax.jit(indexed_step, donate_argnums=0)  # one batch: the last, partial one, or a conv model's
         self._infer = jax.jit(infer)
+        self._norms = jax.jit(norms)
+        self._dead = self._dead_units_program() if diagnostics else None
+        self.probe: jax.Array | None = None  # the images dead units are counted on (set by the driver)
+        self.last_epoch: dict[str, LayerDiagnostics] = {}  # label -> the last epoch's diagnostics
         # XLA:CPU (jaxlib 0.10) leaves the gradients of a convolution inside a loop (the scan) in a
         # non-canonical layout that its generic emitter runs instead of the Eigen kernels it uses
         # elsewhere: the default CNN's epoch took 13x longer as one scan than as one compiled call
         # per batch (benchmarks/train_speed.py --model cnn). Models with convolutions take batches
-        # one call at a time on a CPU; everything else, one call per epoch.
+        # one call at a time on a CPU; everything else, chunks of up to CHUNK_STEPS steps.
         has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
-        self.one_call_per_epoch = not (has_conv and jax.default_backend() == "cpu")
+        self.scans = not (has_conv and jax.default_backend() == "cpu")
+
+    def _dead_units_program(self):
+        """A compiled function: per weight layer followed by a ReLU, the fraction of its units
+        (channels, for a conv) that are 0 for every probe image; the output layer has none."""
+        model = self.model
+        relus = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)
+                 and getattr(layer.activation, "__name__", "") == "relu"]  # fmt: skip
+        hidden = len(self.weight_layers) - 1  # every weight layer but the output is followed by an activation
+        if not relus or len(relus) != hidden:
+            return None  # another activation (gelu, tanh...): nothing is "dead" in the ReLU sense
+        probe_model = keras.Model(model.inputs, [layer.output for layer in relus])
+        tv_index = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        ntv_index = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        pick_tv = [tv_index[id(v)] for v in probe_model.trainable_variables]
+        pick_ntv = [ntv_index[id(v)] for v in probe_model.non_trainable_variables]
+
+        def dead(tv, ntv, x):
+            outs, _ = probe_model.stateless_call([tv[i] for i in pick_tv], [ntv[i] for i in pick_ntv], x)
+            outs = outs if isinstance(outs, list | tuple) else [outs]  # a one-output model gives the tensor
+            return [jnp.mean(jnp.all(a <= 0, axis=tuple(range(a.ndim - 1)))) for a in outs]
+
+        return jax.jit(dead)
 
     # Keras objects <-> the tuple of arrays the compiled functions carry.
     def _state(self):
@@ -133,21 +242,53 @@ class CompiledEngine:
             for var, val in zip(variables, values, strict=True):
                 var.assign(val)
 
-    def train_epoch(self, x: jax.Array, y: jax.Array, order: np.ndarray) -> dict[str, float]:
-        """One pass over ``x[order]`` in batches; Keras's running loss and accuracy of the epoch."""
+    def train_epoch(
+        self, x: jax.Array, y: jax.Array, order: np.ndarray, on_progress: Callable[[int, int], None] | None = None
+    ) -> dict[str, float]:
+        """One pass over ``x[order]`` in batches; Keras's running loss and accuracy of the epoch.
+
+        ``on_progress(steps done, steps in the epoch)`` is called after each compiled call.
+        """
         n, bs = len(order), self.batch_size
-        n_full = (n // bs) * bs if self.one_call_per_epoch else 0
-        state = self._state()
-        loss_sum, correct = 0.0, 0
-        if n_full:
-            state, ls, c = self._epoch(state, x, y, jnp.asarray(order[:n_full]))
-            loss_sum, correct = loss_sum + ls, correct + c
-        for start in range(n_full, n, bs):
-            state, (ls, c) = self._step(state, x, y, jnp.asarray(order[start : start + bs]))
-            loss_sum, correct = loss_sum + ls, correct + c
+        n_steps = -(-n // bs)
+        # (first example, examples, one scan?) of each compiled call: the full batches in chunks of
+        # scanned steps, then one call per remaining batch (all of them for a conv model on a CPU).
+        calls, start = [], 0
+        for steps in chunk_plan(n // bs) if self.scans else []:
+            calls.append((start, steps * bs, True))
+            start += steps * bs
+        calls += [(first, min(bs, n - first), False) for first in range(start, n, bs)]
+        state, totals, done = self._state(), None, 0
+        start_norms = np.asarray(self._norms(state[0])) if self.diagnostics else None
+        measured = 0  # steps whose gradients and updates the diagnostics measured
+        for first, size, scanned in calls:
+            idx = jnp.asarray(order[first : first + size])
+            if scanned:
+                state, out = self._chunk(state, x, y, idx)
+                measured += -(-(size // bs) // DIAGNOSED_EVERY) if self.diagnostics else 0
+            else:
+                measure = bool(self.diagnostics and (first // bs) % DIAGNOSED_EVERY == 0)
+                state, out = self._step(state, x, y, idx, measure)
+                measured += measure
+            totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+            done += -(-size // bs)
+            if on_progress is not None:
+                on_progress(done, n_steps)
         self._store(state)
+        loss_sum, correct, squares = totals
+        if self.diagnostics:
+            grad_rms, update_rms = (np.sqrt(np.asarray(total) / max(measured, 1)) for total in squares)
+            self.last_epoch = self._summarize(state, grad_rms, update_rms / np.maximum(start_norms, 1e-12))
         # Averages over the epoch, weights changing as it goes, as fit reports them.
         return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+
+    def _summarize(self, state, grad, ratio) -> dict[str, LayerDiagnostics]:
+        tv, ntv, _ = state
+        weight = np.asarray(self._norms(tv))
+        dead = [float(d) for d in self._dead(tv, ntv, self.probe)] if self._dead and self.probe is not None else []
+        dead += [None] * (len(self.weight_layers) - len(dead))
+        rows = zip(self.labels, grad, weight, ratio, dead, strict=True)
+        return {label: LayerDiagnostics(float(g), float(w), float(r), d) for label, g, w, r, d in rows}
 
     def infer(self, x: jax.Array, y: jax.Array) -> tuple[dict[str, float], np.ndarray]:
         """Loss and accuracy in inference mode on the current weights, and the probabilities."""

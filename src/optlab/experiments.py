@@ -43,6 +43,7 @@ class Run:
     data_hash: str | None = None  # the prepared data's hash in dvc.lock
     code_hash: str = ""  # the source files the stages depend on, so code changes never pool
     val_curve: tuple[float, ...] = ()
+    diverged: bool = False  # training diverged or collapsed (train.on_divergence: record)
 
     @property
     def seed(self) -> Any:
@@ -68,6 +69,11 @@ class Group:
 
     def summary(self, metric: str) -> Summary:
         return describe(self.values(metric))
+
+    @property
+    def diverged(self) -> int:
+        """How many of the variant's runs diverged."""
+        return sum(r.diverged for r in self.runs)
 
     def context(self) -> dict[str, Any]:
         ctx = {k: v for k, v in self.params.items() if k in CONTEXT_KEYS or k.startswith(CONTEXT_PREFIXES)}
@@ -161,6 +167,7 @@ def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[fl
         data_hash=(deps.get(data_dep) or {}).get("hash"),
         code_hash=json.dumps(code),
         val_curve=tuple(curve),
+        diverged=summary.get("diverged") == 1,
     )
 
 

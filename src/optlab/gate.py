@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optlab.artifacts import SUMMARY
 from optlab.errors import OptlabError
 from optlab.pipeline import Pipeline
 
@@ -100,7 +101,14 @@ def summary_markdown(result: GateResult, baseline: str, file: str, key: str = ME
 
 
 def gate(baseline: str, max_drop: float = MAX_DROP, repo: str | Path = ".") -> tuple[GateResult, str]:
-    """Judge the evaluate stage's test metrics (the file dvc.yaml names) against ``baseline``."""
-    file = Pipeline.load(repo).test_metrics
-    result = judge(metrics_diff(baseline, repo), file, max_drop)
+    """Judge the evaluate stage's test metrics (the file dvc.yaml names) against ``baseline``; a
+    change whose training diverged fails whatever its accuracy."""
+    pipeline = Pipeline.load(repo)
+    file = pipeline.test_metrics
+    diff = metrics_diff(baseline, repo)
+    result = judge(diff, file, max_drop)
+    summary = f"{pipeline.live_dir}/{SUMMARY}"
+    if (diff.get(summary) or {}).get("diverged", {}).get("new") == 1:
+        reason = f"training diverged in this change (`{summary}`: diverged = 1); {result.reason}"
+        result = GateResult(False, result.old, result.new, result.max_drop, reason)
     return result, summary_markdown(result, baseline, file)

@@ -16,9 +16,11 @@ the compiled loop (none of optlab's need them).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TextIO
 
 from optlab.backend import require_chosen
 
@@ -33,6 +35,13 @@ from optlab.errors import OptlabError  # noqa: E402
 from optlab.params import Params  # noqa: E402
 
 EVAL_ROWS = models.INFERENCE_ROWS
+PROBE_IMAGES = 1024  # validation images the dead-unit diagnostic looks at, the same ones every epoch
+
+
+def to_device(array: np.ndarray):
+    from optlab.engine import to_device as place  # the compiled loop's only: it imports JAX
+
+    return place(array)
 
 
 @dataclass
@@ -41,6 +50,9 @@ class History:
 
     epochs: list[dict[str, float]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    diverged: str = ""  # why training stopped at its last epoch, when it diverged (train.on_divergence: record)
+    # Per epoch, layer -> {grad_norm, weight_norm, update_ratio, dead_fraction} (compiled loop).
+    diagnostics: list[dict[str, dict[str, float | None]]] = field(default_factory=list)
 
     def column(self, key: str) -> list[float]:
         return [e[key] for e in self.epochs]
@@ -56,23 +68,43 @@ class DivergedError(OptlabError):
     """Training produced a NaN or infinite loss, or one far worse than chance."""
 
 
-def check_diverged(epoch: int, logs: dict[str, float], params: Params, n_classes: int) -> None:
-    """Stop a run whose loss is NaN/infinite, or far worse than knowing nothing.
+def divergence(epoch: int, logs: dict[str, float], earlier: Sequence[dict[str, float]], params: Params,
+               n_classes: int) -> str:  # fmt: skip
+    """Why the epoch counts as diverged, with the likely cause; empty when it did not.
 
-    Keras clips probabilities inside the cross-entropy, so exploding weights often show as a
-    large *finite* loss (up to -ln 1e-7 = 16 per example) at chance accuracy rather than NaN.
-    A uniform guess scores ln(n_classes); an epoch averaging over 3x that has diverged.
+    Two ways to diverge:
+
+    - exploding: a loss NaN or infinite, or far worse than knowing nothing. Keras clips
+      probabilities inside the cross-entropy, so exploding weights often show as a large
+      *finite* loss (up to -ln 1e-7 = 16 per example) rather than NaN. A uniform guess scores
+      ln(n_classes); an epoch averaging over 3x that has exploded.
+    - collapsing: back to chance after having learned: validation accuracy below 1.5x chance and
+      validation loss no better than a uniform guess, when an ``earlier`` epoch did better than
+      1.5x chance (a too-high rate kills the ReLU units: Adam at 0.1 on the default MLP). A slow
+      run never falls back, so it is never stopped for being slow.
     """
-    limit = 3 * math.log(n_classes)
-    bad = [k for k in ("loss", "val_loss") if k in logs and not (math.isfinite(logs[k]) and logs[k] <= limit)]
+    uniform, chance = math.log(n_classes), 1 / n_classes
+    bad = [k for k in ("loss", "val_loss") if k in logs and not (math.isfinite(logs[k]) and logs[k] <= 3 * uniform)]
     if bad:
-        lr = params.optimizer_args.learning_rate
-        raise DivergedError(
-            f"training diverged at epoch {epoch + 1}: {', '.join(f'{k} = {logs[k]:.4g}' for k in bad)} "
-            f"(a uniform guess scores {math.log(n_classes):.3g}). The likely cause is a learning rate too high "
-            f"for {params.optimizer} (optim.{params.optimizer}.learning_rate = {lr}); try 10x lower, "
-            f"a warm-up (schedule=warmup_cosine), or batch normalization. No model or metrics were saved."
+        what = f"diverged at epoch {epoch + 1}: {', '.join(f'{k} = {logs[k]:.4g}' for k in bad)}"
+    elif (
+        logs["val_accuracy"] < 1.5 * chance
+        and logs["val_loss"] >= uniform
+        and any(e["val_accuracy"] >= 1.5 * chance for e in earlier)
+    ):
+        best = max(e["val_accuracy"] for e in earlier)
+        what = (
+            f"collapsed at epoch {epoch + 1}: val accuracy fell from {best:.3f} to {logs['val_accuracy']:.3f} "
+            f"(chance is {chance:.3f}) and val loss rose to {logs['val_loss']:.4g}"
         )
+    else:
+        return ""
+    lr = params.optimizer_args.learning_rate
+    return (
+        f"training {what} (a uniform guess scores {uniform:.3g}). The likely cause is a learning rate too high "
+        f"for {params.optimizer} (optim.{params.optimizer}.learning_rate = {lr}); try 10x lower, "
+        f"a warm-up (schedule=warmup_cosine), or batch normalization."
+    )
 
 
 OnEpoch = Callable[[int, dict[str, float], History], None]
@@ -89,6 +121,49 @@ def resolve_engine(params: Params) -> Engine:
             "optlab.backend.configure(engine_for(params).backend) before importing Keras, or set train.backend"
         )
     return chosen
+
+
+class Progress(keras.callbacks.Callback):
+    """What the terminal shows while training: one line per epoch as it ends, and inside an epoch
+    that takes more than a few seconds a bar at each quarter, flushed at once (DVC passes the
+    stage's output through as it comes, and `dvc queue logs` keeps it)."""
+
+    SLOW = 2.0  # seconds into the epoch before its first quarter mark: shorter epochs get no bar
+
+    def __init__(self, epochs: int, stream: TextIO | None = None) -> None:
+        super().__init__()
+        self.epochs, self.stream = epochs, stream or sys.stdout
+        self.started, self.next_mark, self.width = 0.0, 0.25, len(str(epochs))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.started, self.next_mark = epoch, time.perf_counter(), 0.25
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps_done(batch + 1, self.params["steps"])
+
+    def steps_done(self, done: int, total: int) -> None:
+        if done >= total or done / total < self.next_mark:
+            return
+        elapsed = time.perf_counter() - self.started
+        if elapsed >= self.SLOW * self.next_mark / 0.25:
+            bar = "#" * round(20 * done / total)
+            self._print(
+                f"  epoch {self.epoch + 1:>{self.width}}/{self.epochs} [{bar:<20}] {done / total:4.0%} of {total:,} "
+                f"steps, {elapsed:.1f} s"
+            )
+        while done / total >= self.next_mark:
+            self.next_mark += 0.25
+
+    def on_epoch_end(self, epoch, logs=None):
+        lr = logs.get("learning_rate", math.nan)
+        self._print(
+            f"epoch {epoch + 1:>{self.width}}/{self.epochs}: loss {logs['loss']:.4f}, accuracy {logs['accuracy']:.4f}; "
+            f"val loss {logs['val_loss']:.4f}, val accuracy {logs['val_accuracy']:.4f}; lr {lr:.3g}; "
+            f"{time.perf_counter() - self.started:.2f} s"
+        )
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
 
 
 class _EpochStart(keras.callbacks.Callback):
@@ -111,17 +186,28 @@ class _EpochStart(keras.callbacks.Callback):
 class _EpochEnd(keras.callbacks.Callback):
     """Last in the list, after every callback acted on the epoch: checks divergence, records
     the epoch, and calls the caller's hook (the resume backup saves the state the next epoch
-    starts from)."""
+    starts from). A diverged epoch either stops the run with an error (train.on_divergence:
+    fail) or is recorded and ends training after it (record)."""
 
-    def __init__(self, start: _EpochStart, history: History, check: Callable, on_epoch: OnEpoch | None) -> None:
+    def __init__(
+        self, start: _EpochStart, history: History, experiment: Params, on_epoch: OnEpoch | None, engine=None
+    ) -> None:
         super().__init__()
-        self.start, self.history, self.check, self.on_epoch = start, history, check, on_epoch
+        self.start, self.history, self.on_epoch, self.engine = start, history, on_epoch, engine
+        self.experiment = experiment  # not `params`: Keras gives each callback a `params` dict of its own
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in logs.items()}
-        self.check(epoch, logs)
+        why = divergence(epoch, logs, self.history.epochs, self.experiment, self.model.output_shape[-1])
+        if why and self.experiment.train.on_divergence == "fail":
+            raise DivergedError(f"{why} No model or metrics were saved (train.on_divergence: fail).")
         self.history.seconds.append(self.start.seconds)
         self.history.epochs.append(logs)
+        if self.engine is not None and self.engine.diagnostics:
+            self.history.diagnostics.append({k: asdict(v) for k, v in self.engine.last_epoch.items()})
+        if why:
+            self.history.diverged = why
+            self.model.stop_training = True
         if self.on_epoch:
             self.on_epoch(epoch, logs, self.history)
 
@@ -177,7 +263,7 @@ class Loop:
         if choice.loop == "compiled":
             from optlab.engine import CompiledEngine
 
-            self.engine = CompiledEngine(model, params.train.batch_size, EVAL_ROWS)
+            self.engine = CompiledEngine(model, params.train.batch_size, EVAL_ROWS, params.train.diagnostics)
 
     @classmethod
     def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int) -> Loop:
@@ -197,19 +283,22 @@ class Loop:
         callbacks: Sequence[keras.callbacks.Callback] = (),
         history: History | None = None,
         on_epoch: OnEpoch | None = None,
+        progress: Progress | None = None,
     ) -> History:
-        """Train up to ``train.epochs`` epochs (fewer if a callback stops it).
+        """Train up to ``train.epochs`` epochs (fewer if a callback stops it, or it diverges).
 
         ``history`` holds epochs already run (a resumed run continues after them). ``on_epoch(
         epoch, logs, history)`` is called once per completed epoch, after the callbacks, with the
         logs both loops produce: loss, accuracy, val_loss, val_accuracy, learning_rate.
+        ``progress`` prints as training goes (the train stage passes one; silent without).
         """
         history = history if history is not None else History()
-        n_classes = self.model.output_shape[-1]
         start = _EpochStart(self.rate, self.steps_per_epoch)
-        end = _EpochEnd(start, history, lambda e, logs: check_diverged(e, logs, self.params, n_classes), on_epoch)
+        end = _EpochEnd(start, history, self.params, on_epoch, self.engine)
         plateau = optim.plateau_callback(self.params)
-        everything = [start, *([plateau] if plateau else []), *callbacks, end]
+        everything = [start, *([plateau] if plateau else []), *callbacks, *([progress] if progress else []), end]
+        if self.engine is not None:
+            self.engine.probe = to_device(val.x[:PROBE_IMAGES])
         first, epochs = len(history.epochs), self.params.train.epochs
         if self.engine is None:
             bs, seed = self.params.train.batch_size, self.params.seed
@@ -229,8 +318,6 @@ class Loop:
         return history
 
     def _fit_compiled(self, train: Split, val: Split, callbacks: list, first: int) -> None:
-        from optlab.engine import to_device
-
         x, y, xv, yv = (to_device(a) for a in (train.x, train.y, val.x, val.y))
         epochs = self.params.train.epochs
         cbs = keras.callbacks.CallbackList(
@@ -240,7 +327,9 @@ class Loop:
         cbs.on_train_begin()
         for epoch in range(first, epochs):
             cbs.on_epoch_begin(epoch)
-            logs = self.engine.train_epoch(x, y, epoch_order(self.params.seed, epoch, len(train.y)))
+            order = epoch_order(self.params.seed, epoch, len(train.y))
+            # Between compiled calls (chunks of an epoch), as fit does between batches.
+            logs = self.engine.train_epoch(x, y, order, on_progress=lambda done, _: cbs.on_train_batch_end(done - 1))
             val_logs, _ = self.engine.infer(xv, yv)
             logs.update({f"val_{k}": v for k, v in val_logs.items()})
             cbs.on_epoch_end(epoch, logs)
@@ -253,7 +342,5 @@ class Loop:
         if self.engine is None:
             loss, accuracy = self.model.evaluate(split.x, split.y, batch_size=EVAL_ROWS, verbose=0)
             return {"loss": float(loss), "accuracy": float(accuracy)}
-        from optlab.engine import to_device
-
         logs, _ = self.engine.infer(to_device(split.x), to_device(split.y))
         return logs

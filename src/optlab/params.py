@@ -164,6 +164,11 @@ class TrainParams(Section):
     early_stopping: EarlyStoppingParams
     keep_best: KeepBestParams
     tensorboard: bool
+    # A diverged run (loss NaN, infinite or far worse than chance) is a result (record: its
+    # curves and last finite model are kept, the metrics say so, the stage exits 0) or an error.
+    on_divergence: Literal["record", "fail"]
+    # Per-layer gradient norms, update/weight ratios and dead ReLU units each epoch (compiled loop).
+    diagnostics: bool
 
     @model_validator(mode="after")
     def _loop_needs_jax(self) -> TrainParams:

@@ -94,6 +94,48 @@ def learning_rate(history: pd.DataFrame, path: str | Path) -> None:
     _save(fig, path)
 
 
+DIAGNOSTIC_PANELS = {  # kind -> (title, y label, log scale)
+    "grad_norm": ("Gradient norm (root mean square over 1 step in 16)", "||dL/dw||", True),
+    "update_ratio": ("One step's update relative to the weights (RMS, 1 step in 16)", "||dw|| / ||w||", True),
+    "weight_norm": ("Weight norm (end of epoch)", "||w||", True),
+    "dead_fraction": ("Dead ReLU units (never active on 1,024 validation images)", "fraction of units", False),
+}
+
+
+def gradients(diagnostics: Mapping[str, pd.DataFrame], path: str | Path) -> None:
+    """How backpropagation reached each layer, epoch by epoch: one line per layer in four panels.
+    ``diagnostics`` is optlab.artifacts.read_diagnostics's (empty for the keras loop)."""
+    fig = _figure(11, 7.5)
+    axes = fig.subplots(2, 2).ravel()
+    if not diagnostics:
+        fig.clear()
+        fig.text(0.5, 0.5, "No backprop diagnostics: they are computed inside optlab's compiled loop\n"
+                 "(train.backend: jax, train.loop: compiled), and this run trained with Keras's fit.",
+                 ha="center", va="center", fontsize=11)  # fmt: skip
+        fig.savefig(path, dpi=DPI)  # the whole page: a tight box would crop it to the sentence
+        return
+    for ax, (kind, (title, ylabel, log)) in zip(axes, DIAGNOSTIC_PANELS.items(), strict=True):
+        table = diagnostics.get(kind)
+        if table is None or table.empty:
+            ax.text(0.5, 0.5, "not measured (no ReLU layers)" if kind == "dead_fraction" else "not measured",
+                    ha="center", va="center", transform=ax.transAxes)  # fmt: skip
+        else:
+            marker = "o" if len(table) <= 30 else None
+            for layer in table.columns:
+                ax.plot(table.index, table[layer], marker=marker, ms=3, label=layer)
+            if log and (table.to_numpy() > 0).any():
+                ax.set_yscale("log")
+            if not log:
+                ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        _epoch_axis(ax)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 7), frameon=False, fontsize=9)
+    fig.suptitle("Backprop diagnostics per layer (input side first)")
+    _save(fig, path)
+
+
 # --- test-set results ----------------------------------------------------------------------
 def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
     """Counts (actual rows, predicted columns), coloured by the share of each actual class so
@@ -219,6 +261,7 @@ class Figures:
     """Everything one experiment's figures are drawn from (the plot stage's inputs)."""
 
     history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history
+    diagnostics: Mapping[str, pd.DataFrame]  # from optlab.artifacts.read_diagnostics (may be empty)
     test_metrics: Mapping[str, Any]
     y_test: np.ndarray
     probabilities: np.ndarray  # (test images, classes)
@@ -231,6 +274,7 @@ class Figures:
         figures = {
             "learning_curves.png": lambda path: learning_curves(self.history, path),
             "learning_rate.png": lambda path: learning_rate(self.history, path),
+            "gradients.png": lambda path: gradients(self.diagnostics, path),
             "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),
             "per_class_f1.png": lambda path: per_class_f1(
                 self.test_metrics["per_class"], self.test_metrics["f1_macro"], path

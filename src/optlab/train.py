@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,10 +26,10 @@ import numpy as np  # noqa: E402
 from optlab import artifacts  # noqa: E402
 from optlab.backend import Engine  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
-from optlab.loop import History, Loop  # noqa: E402
+from optlab.loop import History, Loop, Progress  # noqa: E402
 from optlab.models import trainable_params  # noqa: E402
 from optlab.optim import mode  # noqa: E402
-from optlab.outputs import atomic_dir, atomic_file, remove_outputs, temporaries  # noqa: E402
+from optlab.outputs import atomic_file, remove_outputs, temporaries  # noqa: E402
 from optlab.params import Params  # noqa: E402
 
 
@@ -82,7 +83,7 @@ class Backup:
 
     def save(self, model: keras.Model, history: History) -> None:
         values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
-        state = json.dumps({"epochs": history.epochs, "seconds": history.seconds})
+        state = json.dumps({"epochs": history.epochs, "seconds": history.seconds, "diagnostics": history.diagnostics})
         with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, history=np.array(state), **values)
 
@@ -97,7 +98,7 @@ class Backup:
             for i, var in enumerate(variables):
                 var.assign(saved[f"v{i}"])
             state = json.loads(str(saved["history"]))
-        return History(epochs=state["epochs"], seconds=state["seconds"])
+        return History(epochs=state["epochs"], seconds=state["seconds"], diagnostics=state.get("diagnostics", []))
 
     def clear(self) -> None:
         remove_outputs(self.path)
@@ -135,19 +136,57 @@ def _callbacks(params: Params, scratch: Path, logs_dir: Path) -> tuple[list[kera
 
 
 def best_epoch(history: History, params: Params) -> int:
-    """1-based epoch with the best monitored validation metric."""
+    """1-based epoch with the best monitored validation metric (a diverged epoch's NaN never wins)."""
     monitor = params.train.keep_best.monitor if params.train.keep_best.enabled else params.train.early_stopping.monitor
-    values = history.column(monitor)
-    pick = np.argmin if monitor.endswith("loss") else np.argmax
-    return int(pick(values)) + 1
+    values = np.array(history.column(monitor), dtype=float)
+    if np.isnan(values).all():
+        return len(values)
+    return int(np.nanargmin(values) if monitor.endswith("loss") else np.nanargmax(values)) + 1
 
 
-def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: str | Path,
-        backup_dir: str | Path, logs_dir: str | Path) -> dict:  # fmt: skip
+def _finite(model: keras.Model) -> bool:
+    return all(np.isfinite(keras.ops.convert_to_numpy(v.value)).all() for v in model.trainable_variables)
+
+
+def _keep_last_finite_weights(loop: Loop, backup: Backup, meta: artifacts.PreparedMeta, n_train: int) -> str:
+    """After a diverged epoch, the model's weights are its own if finite, else the last epoch's
+    (from the resume backup), else the initial ones. Says which."""
+    if _finite(loop.model):
+        return "the diverged epoch's own weights (finite)"
+    restored = backup.load(loop.model)
+    if restored is not None:
+        return f"the weights after epoch {len(restored.epochs)}, the last finite one"
+    fresh = Loop.build(loop.params, meta.input_shape, len(meta.classes), n_train)  # same seed: same initial weights
+    loop.model.set_weights(fresh.model.get_weights())
+    return "the initial weights (the first epoch already diverged)"
+
+
+def diagnostics_summary(history: History) -> dict[str, float]:
+    """The two diagnostics `dvc exp show` gets as columns (the per-layer curves are plots): the
+    largest update/weight ratio of the first epoch, and the largest dead ReLU fraction at the end."""
+    if not history.diagnostics:
+        return {}
+    first, last = history.diagnostics[0], history.diagnostics[-1]
+    dead = [d["dead_fraction"] for d in last.values() if d["dead_fraction"] is not None]
+    summary = {"first_epoch_update_ratio": max(d["update_ratio"] for d in first.values())}
+    if dead:
+        summary["dead_unit_fraction"] = max(dead)
+    return summary
+
+
+def run(
+    params: Params,
+    data_dir: str | Path,
+    model_path: str | Path,
+    live_dir: str | Path,
+    backup_dir: str | Path,
+    logs_dir: str | Path,
+    progress: bool = True,
+) -> dict:
     """Train as ``params`` says; write the model and the dvclive directory. Returns the summary.
 
     ``backup_dir`` holds the per-epoch resume state, ``logs_dir`` the TensorBoard logs (both
-    outside DVC's outputs)."""
+    outside DVC's outputs); ``progress`` prints a line per epoch as it ends."""
     model_path, live_dir = Path(model_path), Path(live_dir)
     meta = artifacts.prepared_meta(data_dir)
     if meta.dataset != params.dataset:
@@ -168,42 +207,71 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     # Counted now: fit() appends this run's epochs to the very History object it resumes.
     epochs_before = len(resumed.epochs) if resumed is not None else 0
     if resumed is not None:
-        print(f"resuming from the backup of epoch {epochs_before} in {backup.path}")
-
-    with tempfile.TemporaryDirectory() as scratch:
-        callbacks, best_path = _callbacks(params, Path(scratch), Path(logs_dir))
-        history = loop.fit(
-            train_split, val_split, callbacks, history=resumed, on_epoch=lambda epoch, logs, h: backup.save(model, h)
+        print(f"resuming from the backup of epoch {epochs_before} in {backup.path}", flush=True)
+    if params.train.diagnostics and loop.engine is None:
+        print(
+            f"note: no backprop diagnostics on train.loop {loop.choice.loop} (they are computed inside the compiled "
+            "epoch); train with -S train.backend=jax -S train.loop=compiled to get them",
+            flush=True,
         )
-        if best_path is not None and best_path.exists():
-            model.load_weights(best_path)
+    info = run_info(params, loop.choice, fingerprint)
+    log = artifacts.TrainLog(live_dir, info)
+    try:
+        # A resumed run's live directory starts again from the backup's epochs.
+        for i, logs in enumerate(resumed.epochs if resumed is not None else []):
+            log.log_epoch(logs, resumed.diagnostics[i] if i < len(resumed.diagnostics) else None)
 
-    # Report 003's warning: the running accuracy above averages over changing weights and
-    # dropout. Measure the final weights in inference mode too.
-    inference = {name: loop.measure(split)["accuracy"] for name, split in (("train", train_split), ("val", val_split))}
-    # Let go of the data before writing the outputs (dvclive's import alone is about 40 MB),
-    # so the end of the run does not add to the peak set while training.
-    del data, train_split, val_split
-    run_seconds = history.seconds[epochs_before:]
-    summary = {
-        "trainable_params": trainable_params(model),
-        "epochs_run": len(history.epochs),
-        "best_epoch": best_epoch(history, params),
-        "inference_train_accuracy": inference["train"],
-        "inference_val_accuracy": inference["val"],
-    }
-    # Timings differ on every run: kept with the run's provenance, not among its metrics, so an
-    # identical rerun changes no metric and reruns nothing downstream.
-    timings = {
-        "train_seconds": round(float(sum(history.seconds)), 3),
-        # Steady state: the first epoch of a process includes compiling the XLA program.
-        # (A run resumed after its last epoch trained none here: fall back to the backup's times.)
-        "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
-        "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
-    }
-    info = {**run_info(params, loop.choice, fingerprint), "timings": timings}
-    with atomic_dir(live_dir) as tmp:
-        artifacts.write_run(tmp, history.epochs, summary, info)
-    artifacts.save_model(model, model_path)  # last: its presence means the run completed
+        def on_epoch(epoch: int, logs: dict, history: History) -> None:
+            if not history.diverged:  # a resume never starts from a diverged state
+                backup.save(model, history)
+            log.log_epoch(logs, history.diagnostics[-1] if history.diagnostics else None)
+
+        with tempfile.TemporaryDirectory() as scratch:
+            callbacks, best_path = _callbacks(params, Path(scratch), Path(logs_dir))
+            shown = Progress(params.train.epochs) if progress else None
+            history = loop.fit(train_split, val_split, callbacks, history=resumed, on_epoch=on_epoch, progress=shown)
+            if best_path is not None and best_path.exists():
+                model.load_weights(best_path)
+        kept = _keep_last_finite_weights(loop, backup, meta, len(train_split.y)) if history.diverged else ""
+
+        # Report 003's warning: the running accuracy above averages over changing weights and
+        # dropout. Measure the final weights in inference mode too.
+        inference = {n: loop.measure(split)["accuracy"] for n, split in (("train", train_split), ("val", val_split))}
+        # Let go of the data before writing the outputs, so the end of the run does not add to
+        # the peak set while training.
+        del data, train_split, val_split
+        run_seconds = history.seconds[epochs_before:]
+        summary = {
+            "trainable_params": trainable_params(model),
+            "epochs_run": len(history.epochs),
+            "best_epoch": best_epoch(history, params),
+            "inference_train_accuracy": inference["train"],
+            "inference_val_accuracy": inference["val"],
+            "diverged": int(bool(history.diverged)),
+            **({"diverged_epoch": len(history.epochs)} if history.diverged else {}),
+            **diagnostics_summary(history),
+        }
+        # Timings differ on every run: kept with the run's provenance, not among its metrics, so
+        # an identical rerun changes no metric and reruns nothing downstream.
+        timings = {
+            "train_seconds": round(float(sum(history.seconds)), 3),
+            # Steady state: the first epoch of a process includes compiling the XLA program.
+            # (A run resumed after its last epoch trained none here: fall back to the backup's times.)
+            "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
+            "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
+        }
+        log.finish(summary, {**info, "timings": timings, **({"diverged": history.diverged} if kept else {})})
+        artifacts.save_model(model, model_path)  # last: its presence means the run completed
+    except BaseException:
+        log.abandon()  # nothing half-written: a failed run records nothing
+        raise
     backup.clear()
+    if history.diverged:
+        print(
+            f"warning: {history.diverged}\nRecorded as a result (train.on_divergence: record): the curves up to "
+            f"epoch {len(history.epochs)} are in {live_dir}, the model holds {kept}; set "
+            "train.on_divergence: fail to stop the pipeline instead.",
+            file=sys.stderr,
+            flush=True,
+        )
     return {**summary, **timings}
