@@ -75,12 +75,17 @@ def repo(tmp_path_factory) -> Path:
     sh(path, "git", "config", "user.email", "test@optlab.invalid")
     sh(path, sys.executable, "-m", "dvc", "init", "-q")
     # The gate reads the test metrics' path from the evaluate stage's command line, as in optlab.
+    # and the training summary (where a diverged run says so) from the train stage's --live.
     (path / "dvc.yaml").write_text(
-        "stages:\n  evaluate:\n    cmd: python evaluate.py --metrics metrics/test.json\n"
+        "stages:\n"
+        "  train:\n    cmd: python train.py --live metrics/train\n"
+        "    metrics:\n      - metrics/train/metrics.json:\n          cache: false\n"
+        "  evaluate:\n    cmd: python evaluate.py --metrics metrics/test.json\n"
         "    metrics:\n      - metrics/test.json:\n          cache: false\n"
     )
-    (path / "metrics").mkdir()
+    (path / "metrics/train").mkdir(parents=True)
     (path / "metrics/test.json").write_text(json.dumps({"accuracy": 0.87, "loss": 0.4}))
+    (path / "metrics/train/metrics.json").write_text(json.dumps({"diverged": 0, "epochs_run": 20}))
     sh(path, "git", "add", "-A")
     sh(path, "git", "commit", "-q", "-m", "baseline")
     sh(path, "git", "branch", "baseline")
@@ -105,6 +110,16 @@ def test_gate_command(repo, capsys, monkeypatch, accuracy, code, message):
     out = capsys.readouterr()
     assert message in out.out and out.out.startswith("### Regression gate")
     assert ("gate failed" in out.err) is (code == 1)
+
+
+def test_a_diverged_change_fails_the_gate_whatever_its_accuracy(repo, capsys):
+    (repo / "metrics/test.json").write_text(json.dumps({"accuracy": 0.90, "loss": 0.4}))
+    (repo / "metrics/train/metrics.json").write_text(json.dumps({"diverged": 1, "diverged_epoch": 3}))
+    try:
+        assert cli.main(["gate", "--baseline", "baseline", "--repo", str(repo)]) == 1
+    finally:
+        (repo / "metrics/train/metrics.json").write_text(json.dumps({"diverged": 0, "epochs_run": 20}))
+    assert "Training diverged in this change" in capsys.readouterr().out
 
 
 def test_gate_with_a_looser_threshold_passes(repo, capsys):

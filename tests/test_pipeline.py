@@ -236,6 +236,9 @@ def test_repro_runs_all_five_stages_and_writes_every_output(project):
     out = project.first_repro
     positions = [out.find(ran(s)) for s in STAGES]
     assert all(i >= 0 for i in positions) and positions == sorted(positions), out
+    # A line per epoch while the train stage runs, before the evaluate stage starts.
+    lines = [out.find(f"epoch {e}/3: loss ") for e in (1, 2, 3)]
+    assert positions[2] < lines[0] < lines[1] < lines[2] < positions[3], out
 
     test = project.json("metrics/test.json")
     assert test["accuracy"] > 0.8, test
@@ -372,6 +375,55 @@ def test_tensorflow_backend_trains_the_pipeline_and_reruns_bit_identically(proje
     assert results[0] == results[1], "two TensorFlow runs of the same params and seed differ"
 
 
+# --- 5c. a diverged run is a result ---------------------------------------------------------
+def test_a_diverged_run_is_an_experiment_and_fail_mode_records_nothing(project):
+    diverging = ("-S", "optim.adam.learning_rate=10", "-S", "schedule=constant")  # explodes in epoch 1
+    with project.scratch():
+        out = project.dvc("exp", "run", *diverging)
+        name = ran_experiment(out)
+        assert "warning: training diverged at epoch 1" in out, out
+        for stage in ("train", "evaluate", "plot"):
+            assert ran(stage) in out, out
+        state = project.experiments()[name]["state"]  # dvc exp show lists it beside the baseline
+        summary = state["data"]["metrics"]["metrics/train/metrics.json"]["data"]
+        assert (summary["diverged"], summary["diverged_epoch"], summary["epochs_run"]) == (1, 1, 1)
+        assert metrics_of(state)["accuracy"] < 0.5  # evaluated: the model it ended with
+        assert (project.root / "plots/learning_curves.png").stat().st_size > 1000
+    before = project.exp_names()
+    with project.scratch():
+        failed = project.dvc_run("exp", "run", *diverging, "-S", "train.on_divergence=fail")
+        assert failed.returncode != 0 and "diverged at epoch 1" in failed.stdout, failed.stdout
+        assert ran("evaluate") not in failed.stdout
+    assert project.exp_names() == before, "a failed run left an experiment behind"
+
+
+# --- 5d. a queued experiment can be watched while it runs ------------------------------------
+def test_dvc_exp_show_follows_a_running_queued_experiment(project):
+    long_run = ("-S", "train.epochs=400", "-S", "model.hidden=[1024,1024]", "-S", "train.batch_size=8")
+    with project.scratch():
+        queued = project.dvc("exp", "run", "--queue", *long_run)
+        name = re.search(r"Queued experiment '([^']+)'", queued).group(1)
+        project.dvc("queue", "start", "-j", "1")
+        steps, deadline = [], time.time() + 300
+        try:
+            while len(set(steps)) < 3 and time.time() < deadline:
+                for exp_range in project.baseline_state().get("experiments") or []:
+                    for state in exp_range["revs"]:
+                        running = (exp_range.get("executor") or {}).get("state") == "running"
+                        summary = ((state.get("data") or {}).get("metrics") or {}).get("metrics/train/metrics.json")
+                        if state.get("name") == name and running and summary and summary.get("data"):
+                            steps.append(summary["data"]["step"])
+                time.sleep(1)
+        finally:
+            project.dvc_run("queue", "kill", name)
+            project.dvc_run("queue", "stop")  # no idle worker left for the sweep below
+            project.dvc_run("queue", "remove", "--all")
+            deadline = time.time() + 60
+            while "0 active, 0 idle" not in project.dvc_run("queue", "status").stdout and time.time() < deadline:
+                time.sleep(1)
+        assert len(set(steps)) >= 3 and steps == sorted(steps), f"the running experiment's steps: {steps}"
+
+
 # --- 6. bad params stop before any work -----------------------------------------------------
 def test_bad_params_fail_fast_naming_the_key_and_leave_no_experiment(project):
     before = project.exp_names()
@@ -450,6 +502,8 @@ def test_queued_sweep_runs_on_two_workers_without_interference(project):
             run = project.git_json(state["rev"], "metrics/train/run.json")
             assert (run["params"]["optimizer"], run["params"]["seed"]) == (optimizer, seed)
             runs[name] = {"test": metrics_of(state), "run": run, "trained_here": "trainable_params=" in logs[name]}
+            if runs[name]["trained_here"]:  # `dvc queue logs` keeps the progress lines
+                assert "epoch 3/3: loss " in logs[name], logs[name][-2000:]
             assert runs[name]["test"]["accuracy"] > 0.5
 
         # Different optimizers and seeds give different models; the baseline's recipe
@@ -524,7 +578,8 @@ def test_a_repro_killed_mid_train_recovers_with_the_next_repro(project):
         rwlock = json.loads((project.root / ".dvc/tmp/rwlock").read_text())
         assert any(e["pid"] == proc.pid for e in rwlock["write"].values()), rwlock
         assert not (project.root / "models/model.keras").exists()
-        assert not (project.root / "metrics/train").exists()
+        # dvclive wrote the epochs as they ended: what is left says it is incomplete.
+        assert project.json("metrics/train/run.json")["status"] == "running"
 
         # Recovery is the next `dvc repro`: DVC sees the holder is dead, drops its lock entries,
         # and the train stage resumes from the epoch it had backed up.
@@ -539,6 +594,7 @@ def test_a_repro_killed_mid_train_recovers_with_the_next_repro(project):
         for stage in ("train", "evaluate", "plot"):
             assert ran(stage) in again, again
         assert project.json("metrics/train/metrics.json")["epochs_run"] == 3
+        assert project.json("metrics/train/run.json")["status"] == "complete"
         timings = project.json("metrics/train/run.json")["timings"]
         assert math.isfinite(timings["seconds_per_epoch"]) and timings["seconds_per_epoch"] > 0, timings
         assert project.json("metrics/test.json")["accuracy"] > 0.8

@@ -148,8 +148,8 @@ def test_compiled_cnn_takes_one_call_per_batch_and_matches_keras_steps():
     for start in range(0, 20, 8):
         models[0].train_on_batch(x[start : start + 8], y[start : start + 8])
     engine = CompiledEngine(models[1], batch_size=8, eval_rows=1024)
-    assert not engine.one_call_per_epoch
-    assert CompiledEngine(Loop.build(small(), (64,), 10, 20).model, 8, 1024).one_call_per_epoch  # the MLP: one scan
+    assert not engine.scans
+    assert CompiledEngine(Loop.build(small(), (64,), 10, 20).model, 8, 1024).scans  # the MLP: scanned chunks
     import jax.numpy as jnp
 
     engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(20, dtype="int32"))
@@ -277,7 +277,13 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path,
     assert proc.poll() is None, "training finished before it could be killed; make the run longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "models/model.keras").exists() and not (tmp_path / "live").exists()
+    # What the kill left: no model, and a live directory that says it is incomplete (dvclive wrote
+    # the epochs as they ended; DVC records nothing, as the stage did not succeed).
+    assert not (tmp_path / "models/model.keras").exists()
+    assert json.loads((tmp_path / "live/run.json").read_text())["status"] == "running"
+    assert not (tmp_path / "live/metrics.json").exists() or "epochs_run" not in json.loads(
+        (tmp_path / "live/metrics.json").read_text()
+    ), "a killed run's summary must not look complete"
 
     resumed = _train_stage(tmp_path, params, data)
     assert resumed.returncode == 0, resumed.stderr
@@ -567,5 +573,7 @@ def test_the_diagnostics_explain_adam_at_0_1_on_fashion_mnist(fashion_mnist_prep
     print(f"\n[record] epoch-1 update/weight ratio: default {default['first_epoch_update_ratio']:.2e}, "
           f"adam 0.1 {fast['first_epoch_update_ratio']:.2e} ({ratio:.0f}x)")  # fmt: skip
     assert ratio >= 10, (default, fast)
-    assert default["diverged"] == 0 and fast["diverged"] == 1 and fast["diverged_epoch"] == 2
+    # Where it collapses depends on the CPU's float arithmetic (epoch 2 on one 2-core machine, 4 on
+    # another); that it stops long before its 20 epochs does not.
+    assert default["diverged"] == 0 and fast["diverged"] == 1 and fast["diverged_epoch"] <= 10, fast
     assert fast["dead_unit_fraction"] > 0.5 > default["dead_unit_fraction"]
