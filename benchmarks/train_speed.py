@@ -57,14 +57,15 @@ def write_data(directory: Path) -> None:
 
 
 def experiment(model: str, epochs: int, **overrides):
-    """The repository's params with the benchmark's recipe: Adam 1e-3, constant rate, no dropout."""
-    from optlab.params import load_params
+    """The repository's experiment (conf/) with the benchmark's recipe: Adam 1e-3, constant rate,
+    no dropout, as `dvc exp run -S ...` would compose it."""
+    from optlab.params import load_variant
 
     knobs = {
-        "dataset": "fashion_mnist",
         "optimizer": "adam",
         "schedule": "constant",
-        "optim.adam.learning_rate": LR,
+        "optimizer.learning_rate": LR,
+        "dataset": "fashion_mnist",
         "model.name": model,
         "model.hidden": HIDDEN,
         "model.dropout": 0.0,
@@ -77,7 +78,16 @@ def experiment(model: str, epochs: int, **overrides):
         "train.batch_size": BATCH,
         **overrides,
     }
-    return load_params(REPO / "params.yaml", knobs)
+    return load_variant(REPO, [f"{k}={_hydra(v)}" for k, v in knobs.items()])
+
+
+def _hydra(value) -> str:
+    """A value in Hydra's override syntax (lists as [a,b], booleans lower-case)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
 
 
 def _splits(data: Path, n_train: int | None):

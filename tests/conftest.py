@@ -20,20 +20,47 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # What the evaluate stage writes to its test metrics file.
-TEST_METRIC_KEYS = {"accuracy", "loss", "top_k_accuracy", "top_k", "f1_macro", "f1_weighted", "per_class",
-                    "generalization_gap"}  # fmt: skip
+TEST_METRIC_KEYS = {"accuracy", "loss", "top_k_accuracy", "f1_macro", "generalization_gap"}
+# What the train stage's dvclive summary holds once the run completed.
+TRAIN_SUMMARY_KEYS = {"trainable_params", "epochs_run", "best_epoch", "train_accuracy", "val_accuracy", "diverged",
+                      "first_epoch_update_ratio", "dead_unit_fraction"}  # fmt: skip
 
 
 def repo_params(**overrides) -> dict:
-    """The repository's params.yaml as a dict, with dotted-key overrides applied."""
-    from optlab.params import read_raw, set_dotted
+    """The repository's params.yaml as a dict, with overrides applied as `dvc exp run -S` would
+    compose them: a group's name (``optimizer="sgd"``) brings that group's file of ``conf/``
+    whole, then dotted keys set values (``**{"optimizer.learning_rate": 0.1}``)."""
+    from optlab.params import GROUPS, read_raw, set_dotted
 
-    return set_dotted(read_raw(REPO / "params.yaml"), overrides)
+    raw = read_raw(REPO / "params.yaml")
+    for group in GROUPS:
+        if group in overrides:
+            raw[group] = yaml.safe_load((REPO / "conf" / group / f"{overrides.pop(group)}.yaml").read_text())
+    return set_dotted(raw, overrides)
 
 
 def write_params(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+def write_experiment(root: Path, **overrides) -> None:
+    """Change the experiment of the optlab checkout at ``root`` where its values live, in
+    ``conf/`` (which `dvc exp run` composes), then compose ``params.yaml`` from it: a group's name
+    (``optimizer="sgd"``) picks that file of ``conf/<group>/``; dotted keys set values
+    (``conf/config.yaml`` comes after the groups, so its ``optimizer.learning_rate`` wins)."""
+    from optlab.params import GROUPS, compose, set_dotted
+
+    path = root / "conf" / "config.yaml"
+    conf = yaml.safe_load(path.read_text())
+    for group in GROUPS:
+        if group in overrides:
+            chosen = overrides.pop(group)
+            conf["defaults"] = [
+                {group: chosen} if isinstance(d, dict) and group in d else d for d in conf["defaults"]
+            ]  # fmt: skip
+    path.write_text(yaml.safe_dump(set_dotted(conf, overrides), sort_keys=False))
+    compose(root)
 
 
 def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None = None) -> Path:

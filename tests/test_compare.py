@@ -18,6 +18,7 @@ from optlab import cli, compare, experiments, stats
 from optlab.compare import incomparable_reasons
 from optlab.errors import OptlabError
 from optlab.experiments import Group, Run, group_runs
+from optlab.params import compose
 from optlab.pipeline import Pipeline
 from optlab.stats import describe, welch
 
@@ -31,7 +32,7 @@ FAKE_TRAIN = textwrap.dedent(
     p = yaml.safe_load(open("params.yaml"))
     BASE = {"adam": 0.88, "rmsprop": 0.90, "sgd": 0.80}
     NOISE = [0.01, -0.01, 0.0, 0.005, -0.005]
-    opt, epochs, hidden = p["optimizer"], p["train"]["epochs"], p["model"]["hidden"]
+    opt, epochs, hidden = p["optimizer"]["name"], p["train"]["epochs"], p["model"]["hidden"]
     best = BASE[opt] + NOISE[(p["seed"] + len(opt)) % 5]
     rate = 0.5 if opt == "sgd" else 1.0
     curve = [best - (best - 0.5) * math.exp(-rate * e) for e in range(1, epochs + 1)]
@@ -43,9 +44,8 @@ FAKE_TRAIN = textwrap.dedent(
         with open(f"{live}/plots/metrics/{split}/{name}.tsv", "w") as f:
             f.write(f"step\\t{name}\\n" + "".join(f"{i}\\t{v}\\n" for i, v in enumerate(values)))
     spe = 0.5 * (1 + hidden[0] / 64)
-    json.dump({"train": {"loss": 0.2, "accuracy": best + 0.02}, "val": {"loss": 1 - best, "accuracy": best},
-               "learning_rate": 0.001, "step": epochs - 1, "trainable_params": params, "epochs_run": epochs,
-               "best_epoch": epochs, "inference_train_accuracy": best + 0.02}, open(f"{live}/metrics.json", "w"))
+    json.dump({"trainable_params": params, "epochs_run": epochs, "best_epoch": epochs, "train_accuracy": best + 0.02,
+               "val_accuracy": best, "diverged": 0}, open(f"{live}/metrics.json", "w"))
     json.dump({"timings": {"train_seconds": spe * epochs, "seconds_per_epoch": spe}}, open(f"{live}/run.json", "w"))
     """
 )
@@ -53,9 +53,9 @@ FAKE_EVALUATE = textwrap.dedent(
     """
     import json, sys
     out = sys.argv[sys.argv.index("--metrics") + 1]
-    best = json.load(open("metrics/train/metrics.json"))["val"]["accuracy"]
-    json.dump({"accuracy": best, "loss": 1 - best, "f1_macro": best - 0.01, "f1_weighted": best - 0.005,
-               "top_k_accuracy": 0.99, "top_k": 3, "generalization_gap": 0.02, "per_class": {}}, open(out, "w"))
+    best = json.load(open("metrics/train/metrics.json"))["val_accuracy"]
+    json.dump({"accuracy": best, "loss": 1 - best, "f1_macro": best - 0.01, "top_k_accuracy": 0.99,
+               "generalization_gap": 0.02}, open(out, "w"))
     """
 )
 FAKE_PREPARE = textwrap.dedent(
@@ -93,17 +93,21 @@ DVC_YAML = textwrap.dedent(
       - metrics/train/metrics.json
     """
 )
-PARAMS = {
+# optlab's layout: conf/config.yaml and a config group of optimizers, which `dvc exp run`
+# composes into params.yaml (Hydra), so each run starts from conf/ plus its own -S.
+CONF = {
+    "defaults": [{"optimizer": "adam"}, "_self_"],
     "dataset": "fashion_mnist",
     "seed": 0,
-    "optimizer": "adam",
     "prepare": {"val_fraction": 0.1},
     "model": {"hidden": [64]},
     "train": {"epochs": 4},
 }
-# `dvc exp run -S` edits params.yaml in the workspace and leaves it edited, so a later
-# `-S seed=2` would inherit an earlier `-S optimizer=sgd`: every run sets all varied keys.
-VARIED = {"seed": 0, "optimizer": "adam", "train.epochs": 4}
+OPTIMIZERS = {
+    "adam": {"name": "adam", "learning_rate": 0.001},
+    "sgd": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
+    "rmsprop": {"name": "rmsprop", "learning_rate": 0.001},
+}
 
 
 def _env() -> dict[str, str]:
@@ -140,7 +144,12 @@ def make_project(path: Path, commit: bool = True) -> Path:
     if not (path / ".git").exists():
         git_init(path)
     dvc(path, "init", "-q")
-    (path / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
+    dvc(path, "config", "hydra.enabled", "true")
+    (path / "conf/optimizer").mkdir(parents=True)
+    (path / "conf/config.yaml").write_text(yaml.safe_dump(CONF, sort_keys=False))
+    for name, knobs in OPTIMIZERS.items():
+        (path / f"conf/optimizer/{name}.yaml").write_text(yaml.safe_dump(knobs, sort_keys=False))
+    compose(path)
     (path / "prepare.py").write_text(FAKE_PREPARE)
     (path / "train.py").write_text(FAKE_TRAIN)
     (path / "evaluate.py").write_text(FAKE_EVALUATE)
@@ -153,7 +162,7 @@ def make_project(path: Path, commit: bool = True) -> Path:
 
 
 def exp_run(repo: Path, name: str, **changes) -> None:
-    sets = [a for k, v in {**VARIED, **changes}.items() for a in ("-S", f"{k}={v}")]
+    sets = [a for k, v in changes.items() for a in ("-S", f"{k}={v}")]
     dvc(repo, "exp", "run", "-q", "--name", name, *sets)
 
 
@@ -349,7 +358,11 @@ def test_exp_show_records_carry_params_metrics_and_data_hash(project):
     names = {s["name"] for s in states}
     assert {"adam-1", "sgd-2", "long"} <= names
     sgd = next(s for s in states if s["name"] == "sgd-2")
-    assert sgd["data"]["params"]["params.yaml"]["data"]["optimizer"] == "sgd"
+    assert sgd["data"]["params"]["params.yaml"]["data"]["optimizer"] == {
+        "name": "sgd",
+        "learning_rate": 0.01,
+        "momentum": 0.9,
+    }
     assert sgd["data"]["metrics"]["metrics/test.json"]["data"]["accuracy"] == pytest.approx(0.81)
     assert sgd["data"]["deps"]["data/prepared"]["hash"].endswith(".dir")
     assert json.dumps(sgd, default=str)  # the same shape as `dvc exp show --json`
@@ -394,3 +407,48 @@ def test_the_report_states_the_threshold_it_was_given(project, tmp_path):
     report = out.read_text()
     assert "The threshold is 90% of the best variant's best mean validation accuracy" in report
     assert "The threshold is 95%" not in report
+
+
+# --- the params in use ---------------------------------------------------------------------
+def test_knobs_of_an_optimizer_not_in_use_do_not_split_a_variant():
+    # The older layout kept every optimizer's knobs: sgd's learning rate is not adam's variant.
+    legacy = {"optimizer": "adam", "optim.adam.learning_rate": 0.001, "schedule": "constant", "sched.step.factor": 0.5}
+    runs = [
+        experiments.Run(f"r{s}", f"r{s}", experiments.in_use({**legacy, "seed": s, "optim.sgd.learning_rate": lr,
+                                                               "sched.step.factor": f}), {"accuracy": 0.8})
+        for s, lr, f in ((0, 0.01, 0.5), (1, 0.1, 0.5), (2, 0.05, 0.9))
+    ]  # fmt: skip
+    (group,) = group_runs(runs)
+    assert len(group.runs) == 3 and "optim.sgd.learning_rate" not in group.params
+    assert group.params["optim.adam.learning_rate"] == 0.001
+    other = experiments.Run(
+        "x", "x", experiments.in_use({**legacy, "optim.adam.learning_rate": 0.01}), {"accuracy": 0.8}
+    )
+    assert compare.label_against(group_runs([other])[0], group) == "optim.adam.learning_rate=0.01"
+
+
+def test_a_group_option_is_labelled_by_its_name_and_the_knobs_it_changed():
+    base = {"seed": 0, "optimizer.name": "adam", "optimizer.learning_rate": 0.001, "optimizer.beta_1": 0.9}
+    sgd_defaults = {"optimizer.name": "sgd", "optimizer.learning_rate": 0.01, "optimizer.momentum": 0.9}
+    baseline = Group([Run("b", "b", base, {"accuracy": 0.8})])
+
+    def variant(**knobs):
+        params = {"seed": 0, **sgd_defaults, **{f"optimizer.{k}": v for k, v in knobs.items()}}
+        return Group([Run("v", "v", params, {"accuracy": 0.8}, choice_defaults=sgd_defaults)])
+
+    assert compare.label_against(variant(), baseline) == "optimizer=sgd"
+    assert compare.label_against(variant(momentum=0.5), baseline) == "optimizer=sgd, optimizer.momentum=0.5"
+    tuned = Group([Run("t", "t", {**base, "optimizer.learning_rate": 0.01}, {"accuracy": 0.8})])
+    assert compare.label_against(tuned, baseline) == "optimizer.learning_rate=0.01"
+
+
+def test_compare_by_another_metric_ranks_in_its_direction(project, tmp_path):
+    out = tmp_path / "loss.md"
+    assert cli.main(["compare", "--repo", str(project), "--metric", "loss", "--out", str(out)]) == 0
+    report = out.read_text()
+    ranking = _rows(report, "Ranking by test loss")
+    assert [r[1] for r in ranking] == ["optimizer=rmsprop", "baseline", "optimizer=sgd"]  # lowest loss first
+    verdicts = {r[0]: r[-1] for r in _rows(report, "Against the baseline")}
+    assert verdicts["optimizer=sgd"] == "worse, larger than seed noise"  # its loss is higher
+    assert "lower is better" in report
+    assert cli.main(["compare", "--repo", str(project), "--metric", "nope", "--out", str(tmp_path / "n.md")]) == 2

@@ -9,31 +9,70 @@ from pydantic import BaseModel
 from conftest import REPO, repo_params, run_stage, stage_args, write_params
 from optlab.params import (
     DATASET_NAMES,
+    GROUPS,
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
     Params,
     ParamsError,
+    compose,
     load_params,
+    load_variant,
     validate_params,
 )
 
 
 def test_the_repository_params_are_valid():
     p = load_params(REPO / "params.yaml")
-    assert p.dataset == "fashion_mnist" and p.optimizer in OPTIMIZER_NAMES and p.schedule in SCHEDULE_NAMES
-    assert p.optimizer_args is p.optim.adam
+    assert p.dataset == "fashion_mnist" and p.optimizer.name in OPTIMIZER_NAMES and p.schedule.name in SCHEDULE_NAMES
+    assert p.optimizer.name == "adam" and p.optimizer.beta_1 == 0.9
+
+
+def test_params_yaml_is_conf_composed(tmp_path):
+    # What `dvc exp run` would write first (DVC's own Hydra composition) is what is committed, so
+    # `dvc repro` on a fresh clone runs the experiment conf/ describes.
+    composed = compose(REPO, tmp_path / "params.yaml")
+    assert composed.read_text() == (REPO / "params.yaml").read_text(), (
+        "params.yaml is not what conf/ composes to: run `optlab params` and commit it"
+    )
+
+
+def test_every_group_option_is_a_valid_conf_file():
+    # Each file of conf/optimizer/ and conf/schedule/ is one member of the schema's union, by name,
+    # and composes into valid params.
+    for group, members in GROUPS.items():
+        files = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+        assert files == sorted(members), (group, files)
+    for name in OPTIMIZER_NAMES:
+        assert load_variant(REPO, [f"optimizer={name}"]).optimizer.name == name
+    p = load_variant(REPO, ["optimizer=sgd", "optimizer.momentum=0.5", "schedule=step"])
+    assert (p.optimizer.name, p.optimizer.momentum, p.schedule.name) == ("sgd", 0.5, "step")
+
+
+def test_a_knob_of_another_optimizer_is_refused_by_hydra_and_by_optlab():
+    with pytest.raises(ParamsError, match="Could not override 'optimizer.momentum'"):
+        load_variant(REPO, ["optimizer.momentum=0.5"])  # adam has no momentum: Hydra refuses it
+    with pytest.raises(ParamsError, match="Could not find 'optimizer/adamm'") as err:
+        load_variant(REPO, ["optimizer=adamm"])
+    assert all(name in str(err.value) for name in OPTIMIZER_NAMES)  # Hydra lists the options
+    # params.yaml edited by hand: the name changed, the knobs did not.
+    raw = repo_params()
+    raw["optimizer"]["name"] = "sgd"
+    with pytest.raises(ParamsError) as err:
+        validate_params(raw)
+    assert "optimizer.beta_1: unknown key" in str(err.value) and "switch with -S optimizer=<name>" in str(err.value)
 
 
 @pytest.mark.parametrize(
     "override,expected",
     [
         ({"dataset": "cifar"}, ["unknown dataset 'cifar'", *DATASET_NAMES, "Did you mean 'cifar10'?"]),
-        ({"optimizer": "adamm"}, ["unknown optimizer 'adamm'", *OPTIMIZER_NAMES, "Did you mean 'adam'?"]),
-        ({"schedule": "cosin"}, ["unknown schedule 'cosin'", "warmup_cosine", "Did you mean 'cosine'?"]),
+        ({"optimizer.name": "adamm"}, ["unknown optimizer 'adamm'", *OPTIMIZER_NAMES, "Did you mean 'adam'?"]),
+        ({"schedule.name": "cosin"}, ["unknown schedule 'cosin'", "warmup_cosine", "Did you mean 'cosine'?"]),
         ({"model.name": "resnet"}, ["unknown model.name 'resnet'", "mlp, cnn"]),
         ({"model.activation": "sigmoid"}, ["model.activation", "'relu'", "'gelu'"]),
-        ({"optim.adam.learning_rate": -0.001}, ["optim.adam.learning_rate", "greater than 0", "-0.001"]),
-        ({"optim.sgd.learning_rate": 0}, ["optim.sgd.learning_rate", "greater than 0"]),
+        ({"optimizer.learning_rate": -0.001}, ["optimizer.learning_rate", "greater than 0", "-0.001"]),
+        ({"optimizer": "sgd", "optimizer.learning_rate": 0}, ["optimizer.learning_rate", "greater than 0"]),
+        ({"schedule": "plateau", "schedule.factor": 1.5}, ["schedule.factor", "less than 1"]),
         ({"model.dropout": 1.0}, ["model.dropout", "less than 1"]),
         ({"model.dropout": -0.1}, ["model.dropout", "greater than or equal to 0"]),
         ({"train.epochs": 0}, ["train.epochs", "greater than or equal to 1"]),
@@ -62,7 +101,7 @@ def test_bad_values_are_refused_with_the_key_and_the_fix(override, expected):
     [
         ("optimizr", "'optimizer'"),
         ("model.hiden", "'model.hidden'"),
-        ("optim.adam.lr", None),
+        ("optimizer.lr", None),
         ("train.epoch", "'train.epochs'"),
     ],
 )
@@ -83,7 +122,7 @@ def test_unknown_keys_are_refused_with_a_suggestion_and_the_valid_keys(raw_key, 
 
 def test_every_problem_is_listed_at_once():
     with pytest.raises(ParamsError) as err:
-        validate_params(repo_params(**{"train.epochs": 0, "model.dropout": 2, "optimizer": "x"}))
+        validate_params(repo_params(**{"train.epochs": 0, "model.dropout": 2, "optimizer.name": "x"}))
     assert "3 problem(s)" in str(err.value)
 
 
@@ -121,14 +160,19 @@ def _fields(model, prefix=""):
             yield f"{prefix}{name}", field
 
 
-def test_params_yaml_is_the_one_place_experiment_values_live():
+def test_conf_is_the_one_place_experiment_values_live():
     # The schema holds types and ranges, no values: a key missing from params.yaml is an error,
-    # never a silent default that runs another experiment.
-    with_defaults = [key for key, field in _fields(Params) if not field.is_required()]
+    # never a silent default that runs another experiment. The values are in conf/ only.
+    schemas = [("", Params)] + [(f"{g}.", m) for g, members in GROUPS.items() for m in members.values()]
+    with_defaults = [
+        key for prefix, schema in schemas for key, field in _fields(schema, prefix) if not field.is_required()
+    ]
     assert with_defaults == [], f"schema defaults for experiment keys: {with_defaults}"
     raw = repo_params()
     del raw["train"]["epochs"]
     with pytest.raises(ParamsError, match="train.epochs: Field required"):
         validate_params(raw)
-    # ...and params.yaml sets every key the schema knows.
-    assert load_params(REPO / "params.yaml").model_dump()
+    raw = repo_params(schedule="plateau")
+    del raw["schedule"]["min_lr"]
+    with pytest.raises(ParamsError, match="schedule.min_lr: Field required"):
+        validate_params(raw)

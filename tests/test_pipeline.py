@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TEST_METRIC_KEYS, repo_params, write_params
+from conftest import REPO, TEST_METRIC_KEYS, TRAIN_SUMMARY_KEYS, write_experiment, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +215,7 @@ def project(tmp_path_factory, dvc_bin) -> Project:
     p.git("config", "user.email", "test@optlab.invalid")
     if not (root / ".dvc/config").is_file():  # .dvc/ is tracked, so DVC comes initialised
         p.dvc("init", "-q")
-    write_params(root / "params.yaml", repo_params(**SMALL))
+    write_experiment(root, **SMALL)  # in conf/, which `dvc exp run` composes into params.yaml
     p.git("add", "-A")
     p.git("commit", "-q", "-m", "optlab on digits, shrunken")
 
@@ -243,11 +243,21 @@ def test_repro_runs_all_five_stages_and_writes_every_output(project):
     test = project.json("metrics/test.json")
     assert test["accuracy"] > 0.8, test
     assert set(test) == TEST_METRIC_KEYS, set(test) ^ TEST_METRIC_KEYS
-    assert set(test["per_class"]) == set("0123456789")
-    assert test["top_k"] == 3 and test["top_k_accuracy"] >= test["accuracy"]
+    assert test["top_k_accuracy"] >= test["accuracy"]
+    per_class = (project.root / "metrics/per_class.csv").read_text().splitlines()
+    assert per_class[0] == "class,precision,recall,f1,support" and [r.split(",")[0] for r in per_class[1:]] == list(
+        "0123456789"
+    )
 
     train = project.json("metrics/train/metrics.json")
-    assert train["epochs_run"] == 3 and train["step"] == 2
+    assert set(train) == TRAIN_SUMMARY_KEYS, set(train) ^ TRAIN_SUMMARY_KEYS
+    assert train["epochs_run"] == 3 and train["best_epoch"] in (1, 2, 3)
+    # dvclive's step is the epoch, from 1, as best_epoch counts it.
+    steps = [
+        r.split("\t")[0]
+        for r in (project.root / "metrics/train/plots/metrics/val/accuracy.tsv").read_text().splitlines()
+    ]
+    assert steps == ["step", "1", "2", "3"], steps
     sizes = [8 * 8, *SMALL["model.hidden"], 10]  # flattened digits -> hidden -> 10 classes
     assert train["trainable_params"] == sum(a * b + b for a, b in zip(sizes, sizes[1:], strict=False))
     run = project.json("metrics/train/run.json")
@@ -306,10 +316,12 @@ def test_exp_run_rmsprop_reruns_training_only_and_is_compared_with_the_baseline(
 
         # dvc exp show: the experiment beside the baseline, each with its params and metrics.
         base = project.baseline_state()
-        assert params_of(base)["optimizer"] == "adam"
+        assert params_of(base)["optimizer"]["name"] == "adam"
         assert metrics_of(base) == project.baseline["test"]
         exp = project.experiments()[name]["state"]
-        assert params_of(exp)["optimizer"] == "rmsprop" and exp["error"] is None
+        # Only the chosen optimizer's knobs, from conf/optimizer/rmsprop.yaml (Hydra composition).
+        assert params_of(exp)["optimizer"] == {"name": "rmsprop", "learning_rate": 0.001, "rho": 0.9, "momentum": 0.0}
+        assert exp["error"] is None
         exp_test = metrics_of(exp)
         assert exp_test == project.json("metrics/test.json")  # the results are in the workspace
         assert exp_test["loss"] != project.baseline["test"]["loss"]
@@ -328,7 +340,8 @@ def test_exp_run_rmsprop_reruns_training_only_and_is_compared_with_the_baseline(
         project.dvc("plots", "diff", "HEAD", name, "-o", str(html_dir))
         html = (html_dir / "index.html").read_text()
         assert f'"rev": "{name}"' in html and '"rev": "HEAD"' in html
-        assert "metrics/train/plots/metrics/val/accuracy.tsv" in html and "metrics/confusion.csv" in html
+        for chart in ("accuracy", "loss", "learning_rate", "F1_per_class", "confusion_matrix"):  # dvc.yaml's plots
+            assert f"vegaEmbed('#{chart}'" in html, chart
         for rev in ("HEAD", name):
             image = f"static/{rev}_plots_learning_curves.png"
             assert f'src="{image}"' in html, html[-3000:]
@@ -338,17 +351,48 @@ def test_exp_run_rmsprop_reruns_training_only_and_is_compared_with_the_baseline(
         ).read_bytes()
 
 
+# --- 4b. what DVC shows ----------------------------------------------------------------------
+def test_dvc_shows_the_figures_a_person_compares(project, tmp_path):
+    # dvc exp show: the test metrics and the training summary as columns, nothing per class, no
+    # timings, no image counts; the params in use (the chosen optimizer's and schedule's only).
+    head = project.baseline_state()
+    metric_files = head["data"]["metrics"]
+    assert set(metric_files) == {"metrics/test.json", "metrics/train/metrics.json"}, set(metric_files)
+    assert set(metric_files["metrics/test.json"]["data"]) == TEST_METRIC_KEYS
+    assert set(metric_files["metrics/train/metrics.json"]["data"]) == TRAIN_SUMMARY_KEYS
+    optimizer = params_of(head)["optimizer"]
+    assert set(optimizer) == {"name", "learning_rate", "beta_1", "beta_2"}, optimizer
+    header = project.dvc("exp", "show", "--csv").splitlines()[0].split(",")
+    print(f"\n[record] dvc exp show --csv: {len(header)} columns")
+    values = [c for c in header if "/" not in c]  # deps columns are paths
+    assert "accuracy" in header[:7] and not [c for c in values if "per_class" in c or "seconds" in c], header
+
+    # dvc plots show: training and validation accuracy on one chart, x in epochs from 1.
+    shown = json.loads(project.dvc("plots", "show", "--json"))["data"]
+    values = shown["accuracy"][0]["content"]["data"]["values"]
+    assert {v["filename"] for v in values} == {"train/accuracy.tsv", "val/accuracy.tsv"}, values[:2]
+    assert sorted({int(v["step"]) for v in values}) == [1, 2, 3]
+    assert {"loss", "learning rate", "F1 per class", "confusion matrix", "plots/learning_curves.png"} <= set(shown)
+
+    # The model as a DVC artifact (Studio's model registry, `dvc artifacts get`).
+    from dvc.repo import Repo
+
+    with Repo(str(project.root)) as repo:
+        (artifact,) = repo.artifacts.read()["dvc.yaml"].values()
+    assert (artifact.path, artifact.type) == ("models/model.keras", "model")
+
+
 # --- 5. SGD --------------------------------------------------------------------------------
 def test_exp_run_sgd_trains_its_own_model(project):
     with project.scratch():
         name = ran_experiment(project.dvc("exp", "run", "-S", "optimizer=sgd"))
         exp = project.experiments()[name]["state"]
-        assert params_of(exp)["optimizer"] == "sgd"
+        assert params_of(exp)["optimizer"]["name"] == "sgd"
         metrics = metrics_of(exp)
         assert metrics["accuracy"] > 0.5, metrics
         assert metrics["loss"] != project.baseline["test"]["loss"]
         # The train stage really read sgd (not a stale params file or a cached adam model).
-        assert project.json("metrics/train/run.json")["params"]["optimizer"] == "sgd"
+        assert project.json("metrics/train/run.json")["params"]["optimizer"]["name"] == "sgd"
 
 
 # --- 5b. Keras's own fit on TensorFlow, the reference backend -------------------------------
@@ -377,7 +421,7 @@ def test_tensorflow_backend_trains_the_pipeline_and_reruns_bit_identically(proje
 
 # --- 5c. a diverged run is a result ---------------------------------------------------------
 def test_a_diverged_run_is_an_experiment_and_fail_mode_records_nothing(project):
-    diverging = ("-S", "optim.adam.learning_rate=10", "-S", "schedule=constant")  # explodes in epoch 1
+    diverging = ("-S", "optimizer.learning_rate=10", "-S", "schedule=constant")  # explodes in epoch 1
     with project.scratch():
         out = project.dvc("exp", "run", *diverging)
         name = ran_experiment(out)
@@ -411,8 +455,11 @@ def test_dvc_exp_show_follows_a_running_queued_experiment(project):
                     for state in exp_range["revs"]:
                         running = (exp_range.get("executor") or {}).get("state") == "running"
                         summary = ((state.get("data") or {}).get("metrics") or {}).get("metrics/train/metrics.json")
-                        if state.get("name") == name and running and summary and summary.get("data"):
-                            steps.append(summary["data"]["step"])
+                        # dvclive's running summary counts the epochs done in `step` (the final
+                        # summary, and the workspace copy it starts from, have none).
+                        step = ((summary or {}).get("data") or {}).get("step")
+                        if state.get("name") == name and running and step is not None:
+                            steps.append(step)
                 time.sleep(1)
         finally:
             project.dvc_run("queue", "kill", name)
@@ -496,11 +543,11 @@ def test_queued_sweep_runs_on_two_workers_without_interference(project):
         for name, (optimizer, seed) in wanted.items():
             state, executor = exps[name]["state"], exps[name]["executor"]
             assert state["error"] is None and executor["state"] == "success", executor
-            assert (params_of(state)["optimizer"], params_of(state)["seed"]) == (optimizer, seed)
+            assert (params_of(state)["optimizer"]["name"], params_of(state)["seed"]) == (optimizer, seed)
             # What the train stage itself read, from the experiment's commit: each worker trained
             # its own params in its own workspace.
             run = project.git_json(state["rev"], "metrics/train/run.json")
-            assert (run["params"]["optimizer"], run["params"]["seed"]) == (optimizer, seed)
+            assert (run["params"]["optimizer"]["name"], run["params"]["seed"]) == (optimizer, seed)
             runs[name] = {"test": metrics_of(state), "run": run, "trained_here": "trainable_params=" in logs[name]}
             if runs[name]["trained_here"]:  # `dvc queue logs` keeps the progress lines
                 assert "epoch 3/3: loss " in logs[name], logs[name][-2000:]

@@ -3,13 +3,13 @@ the plot stage runs without importing Keras or TensorFlow."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -50,7 +50,7 @@ def write_history(live: Path, epochs: int = 8, lr_decay: float = 0.5) -> None:
         path = live / "plots" / "metrics" / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         column = Path(rel).stem
-        rows = [f"{1700000000 + s}\t{s}\t{v}" for s, v in zip(steps, values, strict=True)]
+        rows = [f"{1700000000 + s}\t{s + 1}\t{v}" for s, v in zip(steps, values, strict=True)]  # step = epoch, from 1
         lines = ["timestamp\tstep\t" + column, *rows]
         path.write_text("\n".join(lines) + "\n")
 
@@ -104,19 +104,16 @@ def test_history_figures(tmp_path, epochs, lr_decay):
 
 @pytest.mark.parametrize("layers", [["dense1", "dense2", "output"], ["conv1", "conv2", "conv3", "conv4", "output"], []])
 def test_the_gradients_figure_reads_the_diagnostics_dvclive_wrote(tmp_path, layers):
-    from dvclive import Live
+    from optlab.artifacts import TrainLog, read_diagnostics
 
-    from optlab.artifacts import DIAGNOSTICS, read_diagnostics
-
-    with Live(dir=str(tmp_path / "live"), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        for epoch in range(6):
-            for i, layer in enumerate(layers):
-                live.log_metric(f"{DIAGNOSTICS}/grad_norm/{layer}", 0.5 / (epoch + 1) / (i + 1))
-                live.log_metric(f"{DIAGNOSTICS}/weight_norm/{layer}", 5.0 + epoch)
-                live.log_metric(f"{DIAGNOSTICS}/update_ratio/{layer}", 1e-3 * 0.7**epoch)
-                if layer != "output":
-                    live.log_metric(f"{DIAGNOSTICS}/dead_fraction/{layer}", 0.02 * epoch)
-            live.next_step()
+    log = TrainLog(tmp_path / "live", {})  # the train stage's writer
+    for epoch in range(6):
+        logs = {"loss": 1.0, "accuracy": 0.5, "val_loss": 1.0, "val_accuracy": 0.5, "learning_rate": 1e-3}
+        log.log_epoch(logs, {
+            layer: {"grad_norm": 0.5 / (epoch + 1) / (i + 1), "weight_norm": 5.0 + epoch,
+                    "update_ratio": 1e-3 * 0.7**epoch, "dead_fraction": None if layer == "output" else 0.02 * epoch}
+            for i, layer in enumerate(layers)
+        })  # fmt: skip
     diagnostics = read_diagnostics(tmp_path / "live")
     if layers:
         assert list(diagnostics["grad_norm"].columns) == sorted(layers) and list(diagnostics["grad_norm"].index) == [
@@ -131,10 +128,9 @@ def test_the_gradients_figure_reads_the_diagnostics_dvclive_wrote(tmp_path, laye
 @pytest.mark.parametrize("n_classes, channels", [(10, 1), (100, 3)])
 def test_test_set_figures(tmp_path, n_classes, channels):
     classes, y, probs, images = fake_test_set(n_classes, n=5 * n_classes, channels=channels)
-    summary = metrics.test_metrics(y, probs, classes, top_k=3)
     cm = metrics.confusion(y, probs.argmax(axis=1), n_classes)
     plotting.confusion_matrix(cm, classes, tmp_path / "confusion_matrix.png")
-    plotting.per_class_f1(summary["per_class"], summary["f1_macro"], tmp_path / "per_class_f1.png")
+    plotting.per_class_f1(metrics.per_class(y, probs.argmax(axis=1), classes), tmp_path / "per_class_f1.png")
     plotting.confused_images(images, y, probs, classes, 16, tmp_path / "confused_images.png")
     for name in FIGURES[2:5]:
         assert_png(tmp_path / name)
@@ -202,8 +198,10 @@ def write_stage_inputs(root: Path, n_classes: int, channels: int) -> None:
     save_prepared(PreparedData(splits, meta), root / "data/prepared")
     np.save(root / "data" / "predictions.npy", probs)
     write_history(root / "metrics" / "train")
-    summary = metrics.test_metrics(y, probs, classes, top_k=3)
-    (root / "metrics" / "test.json").write_text(json.dumps(summary))
+    per_class = metrics.per_class(y, probs.argmax(axis=1), classes)
+    pd.DataFrame([{"class": c, **row} for c, row in per_class.items()]).to_csv(
+        root / "metrics/per_class.csv", index=False
+    )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["plot"]["confused_images"] = 9
     (root / "params.yaml").write_text(yaml.safe_dump(params))

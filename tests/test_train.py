@@ -77,7 +77,7 @@ def test_every_optimizer_and_schedule_builds(optimizer, schedule):
     p = small(optimizer=optimizer, schedule=schedule, **{"train.epochs": 3})
     opt = build_optimizer(p, build_schedule(p, steps_per_epoch=10))
     assert isinstance(opt, OPTIMIZERS[optimizer])
-    lr0 = p.optimizer_args.learning_rate
+    lr0 = p.optimizer.learning_rate
     rate = opt.learning_rate
     first = float(keras.ops.convert_to_numpy(rate))
     if schedule == "warmup_cosine":
@@ -95,7 +95,7 @@ def test_schedules_follow_their_shape():
         return [float(keras.ops.convert_to_numpy(sched(float(s)))) for s in range(0, steps * epochs, steps)]
 
     lr = 1e-3
-    assert rates("step", **{"sched.step.every_epochs": 3}) == pytest.approx(
+    assert rates("step", **{"schedule.every_epochs": 3}) == pytest.approx(
         [lr] * 3 + [lr / 2] * 3 + [lr / 4] * 3 + [lr / 8]
     )
     assert rates("exponential")[3] == pytest.approx(lr * 0.9**3, rel=1e-5)
@@ -103,7 +103,7 @@ def test_schedules_follow_their_shape():
     assert (
         cos[0] == pytest.approx(lr) and cos[5] == pytest.approx(lr / 2, rel=1e-4) and cos == sorted(cos, reverse=True)
     )
-    warm = rates("warmup_cosine", **{"sched.warmup_cosine.warmup_epochs": 2.0})
+    warm = rates("warmup_cosine", **{"schedule.warmup_epochs": 2.0})
     assert warm[0] < warm[1] < warm[2] == pytest.approx(lr, rel=1e-4) and warm[-1] < warm[2]
 
 
@@ -113,7 +113,7 @@ def test_both_loops_learn_digits(tmp_path, loop_name):
     p = small(**{"train.loop": loop_name, "train.epochs": 5, "model.hidden": [64], "train.batch_size": 32})
     summary = run_train(p, data, tmp_path)
     assert summary["epochs_run"] == 5 and summary["trainable_params"] == 64 * 64 + 64 + 64 * 10 + 10
-    assert summary["inference_val_accuracy"] > 0.85, summary
+    assert summary["val_accuracy"] > 0.85, summary
     live = tmp_path / "live"
     for name in artifacts.HISTORY:
         rows = artifacts.history_file(live, name).read_text().splitlines()
@@ -344,7 +344,7 @@ def test_stage_start_removes_temporaries_a_killed_write_left(tmp_path):
 
 def _diverging(engine: dict, **extra) -> dict:
     # Adam at learning rate 10, no warm-up: the loss explodes in the first epoch.
-    knobs = {"dataset": "digits", "train.epochs": 5, "optim.adam.learning_rate": 10.0, "schedule": "constant",
+    knobs = {"dataset": "digits", "train.epochs": 5, "optimizer.learning_rate": 10.0, "schedule": "constant",
              "model.hidden": [64], **engine, **extra}  # fmt: skip
     return repo_params(**knobs)
 
@@ -408,22 +408,22 @@ def test_cnn_trains_on_image_shaped_data(tmp_path):
     p = small(**{"model.name": "cnn", "model.conv_filters": [8], "model.augment": True, "train.epochs": 2,
                  "train.backend": "jax"})  # fmt: skip
     summary = run_train(p, data, tmp_path)
-    assert summary["epochs_run"] == 2 and np.isfinite(summary["inference_val_accuracy"])
+    assert summary["epochs_run"] == 2 and np.isfinite(summary["val_accuracy"])
     assert keras.saving.load_model(tmp_path / "model.keras").input_shape == (None, 8, 8, 1)
 
 
 @pytest.mark.parametrize(
     "extra",
     [
-        {"train.early_stopping": {"enabled": True, "monitor": "val_loss", "patience": 1, "restore_best_weights": True}},
-        {"schedule": "plateau", "sched.plateau": {"monitor": "val_loss", "factor": 0.5, "patience": 0, "min_lr": 1e-6}},
-        {"train.keep_best": {"enabled": True, "monitor": "val_accuracy"}},
+        {"train.early_stopping": 1, "train.monitor": "val_loss"},
+        {"schedule": "plateau", "schedule.monitor": "val_loss", "schedule.patience": 0},
+        {"train.keep_best": True, "train.monitor": "val_accuracy"},
     ],
 )
 def test_callbacks_act_in_the_compiled_loop(tmp_path, extra):
     data = prepared_digits(tmp_path / "prepared")
     # A rate high enough that validation loss stops improving quickly.
-    p = small(**{"train.epochs": 12, "optim.adam.learning_rate": 0.05, **extra})
+    p = small(**{"train.epochs": 12, "optimizer.learning_rate": 0.05, **extra})
     summary = run_train(p, data, tmp_path)
     lrs = [
         float(r.split("\t")[1])
@@ -439,7 +439,7 @@ def test_callbacks_act_in_the_compiled_loop(tmp_path, extra):
             for r in (tmp_path / "live/plots/metrics/val/accuracy.tsv").read_text().splitlines()[1:]
         ]
         assert summary["best_epoch"] == int(np.argmax(val)) + 1
-        assert summary["inference_val_accuracy"] == pytest.approx(max(val), abs=1e-6)
+        assert summary["val_accuracy"] == pytest.approx(max(val), abs=1e-6)
 
 
 def test_train_stage_holds_the_data_about_once():
@@ -514,7 +514,7 @@ def test_dead_units_of_a_layer_whose_biases_are_very_negative(tmp_path):
 
     train_split = artifacts.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
     x, y = jnp.asarray(train_split.x), jnp.asarray(train_split.y)
-    p = small(**{"model.hidden": [64, 32], "model.dropout": 0.0, "optim.adam.learning_rate": 1e-6,
+    p = small(**{"model.hidden": [64, 32], "model.dropout": 0.0, "optimizer.learning_rate": 1e-6,
                  "schedule": "constant"})  # fmt: skip
     loop = Loop.build(p, (64,), 10, len(y))
     loop.engine.probe = x[:256]
@@ -564,7 +564,7 @@ def test_the_diagnostics_explain_adam_at_0_1_on_fashion_mnist(fashion_mnist_prep
     runs = {}
     # Two epochs of the default run (its first epoch is the 20-epoch run's: the warm-up does not
     # depend on the epoch count); the whole of the other, which stops when it collapses.
-    for name, knobs in (("default", {"train.epochs": 2}), ("adam 0.1", {"optim.adam.learning_rate": 0.1})):
+    for name, knobs in (("default", {"train.epochs": 2}), ("adam 0.1", {"optimizer.learning_rate": 0.1})):
         p = validate_params(repo_params(**knobs))
         runs[name] = train.run(p, fashion_mnist_prepared, tmp_path / name / "m.keras", tmp_path / name / "live",
                                tmp_path / "backup", tmp_path / "logs", progress=False)  # fmt: skip

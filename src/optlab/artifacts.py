@@ -271,11 +271,14 @@ class TrainLog:
     """A training run's dvclive directory, written epoch by epoch while the run goes, so that
     `dvc exp show`, `dvc plots show` and DVC's VS Code extension can follow it.
 
-    While training, it holds the history so far and a RUN_INFO whose ``status`` is
-    ``"running"``; a killed run leaves it so (recognisably incomplete, and DVC records nothing:
-    it writes dvc.lock only when the stage succeeds), and the next run, or its resume, replaces
-    the whole directory. :meth:`finish` adds the summary and the final RUN_INFO (``"complete"``);
-    :meth:`abandon` removes everything when the run fails.
+    dvclive's step is the epoch, counted from 1 as ``best_epoch`` and the figures count it.
+    While training, the directory holds the history so far, dvclive's running summary (the
+    last epoch's values and its ``step``) and a RUN_INFO whose ``status`` is ``"running"``; a
+    killed run leaves it so (recognisably incomplete, and DVC records nothing: it writes
+    dvc.lock only when the stage succeeds), and the next run, or its resume, replaces the whole
+    directory. :meth:`finish` replaces the summary by the run's own figures, the columns
+    ``dvc exp show`` gets (the per-epoch values are curves, not columns), and writes the final
+    RUN_INFO (``"complete"``); :meth:`abandon` removes everything when the run fails.
     """
 
     def __init__(self, live_dir: str | Path, info: Mapping[str, Any]) -> None:
@@ -284,6 +287,7 @@ class TrainLog:
         self.dir = Path(live_dir)
         remove_outputs(self.dir)
         self.live = Live(dir=str(self.dir), save_dvc_exp=False, dvcyaml=None, report=None)
+        self.live.step = 1  # the first epoch (dvclive's documented setter; it would start at 0)
         self._info(info, "running")
 
     def _info(self, info: Mapping[str, Any], status: str) -> None:
@@ -300,10 +304,10 @@ class TrainLog:
         self.live.next_step()
 
     def finish(self, summary: Mapping[str, Any], info: Mapping[str, Any]) -> None:
-        for key, value in summary.items():
-            self.live.log_metric(key, value, plot=False)
-        self.live.summary.pop(DIAGNOSTICS, None)
         self.live.end()
+        # dvclive's Live.summary "can be modified manually", but make_summary always adds the
+        # step: the final summary is written here, after dvclive's last write.
+        write_json(self.dir / SUMMARY, dict(summary))
         self._info(info, "complete")
 
     def abandon(self) -> None:
@@ -321,8 +325,7 @@ def read_diagnostics(live_dir: str | Path) -> dict[str, Any]:
         files = sorted((root / kind).glob("*.tsv")) if (root / kind).is_dir() else []
         if files:
             table = pd.DataFrame({f.stem: _read_series(f, f.stem) for f in files}).sort_index()
-            table.index = table.index + 1
-            table.index.name = "epoch"
+            table.index.name = "epoch"  # dvclive's step is the epoch, from 1
             found[kind] = table
     return found
 
@@ -346,8 +349,7 @@ def read_history(live_dir: str | Path) -> Any:
 
     series = {key: _read_series(history_file(live_dir, key), Path(name).name) for key, name in HISTORY.items()}
     history = pd.DataFrame(series).sort_index()
-    history.index = history.index + 1  # dvclive's step 0 is the first epoch
-    history.index.name = "epoch"
+    history.index.name = "epoch"  # dvclive's step is the epoch, from 1 (TrainLog sets it so)
     return history
 
 
@@ -419,28 +421,46 @@ def load_model(path: str | Path, meta: PreparedMeta) -> Any:
 
 
 # --- an evaluation (the evaluate stage's outputs) ---------------------------------------------
+PER_CLASS_COLUMNS = ("class", "precision", "recall", "f1", "support")  # the per-class table, one row a class
+
+
 @dataclass(frozen=True)
 class Evaluation:
-    metrics: dict[str, Any]  # the test metrics (see optlab.metrics.test_metrics)
+    metrics: dict[str, Any]  # the test metrics: DVC metrics (see optlab.metrics.test_metrics)
+    per_class: dict[str, dict[str, float]]  # class name -> precision, recall, f1, support (a table)
     probabilities: np.ndarray  # float32 (N test images, classes)
     confusion_rows: dict[str, list[str]]  # one (actual, predicted) class-name pair per test image
 
 
-def save_evaluation(ev: Evaluation, metrics_path: Path, confusion_path: Path, predictions_path: Path) -> None:
+def save_evaluation(
+    ev: Evaluation, metrics_path: Path, per_class_path: Path, confusion_path: Path, predictions_path: Path
+) -> None:
     import pandas as pd
 
     with atomic_file(predictions_path) as tmp, open(tmp, "wb") as f:
         np.save(f, ev.probabilities.astype(np.float32), allow_pickle=False)
     with atomic_file(confusion_path) as tmp:
         pd.DataFrame(ev.confusion_rows).to_csv(tmp, index=False)
+    table = pd.DataFrame([{"class": name, **row} for name, row in ev.per_class.items()], columns=PER_CLASS_COLUMNS)
+    with atomic_file(per_class_path) as tmp:
+        table.to_csv(tmp, index=False)
     write_json(metrics_path, ev.metrics)
 
 
-def load_test_metrics(path: str | Path) -> dict[str, Any]:
+def load_per_class(path: str | Path, classes: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The evaluate stage's per-class table: class name -> precision, recall, f1, support."""
+    import pandas as pd
+
     path = Path(path)
     if not path.is_file():
         raise OptlabError(f"{path} not found; run `dvc repro evaluate`")
-    return json.loads(path.read_text())
+    table = pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+    if tuple(table.columns) != PER_CLASS_COLUMNS or list(table["class"]) != list(classes):
+        raise OptlabError(
+            f"{path} is not the per-class table of this data (columns {', '.join(PER_CLASS_COLUMNS)}, one row per "
+            "class in order); run `dvc repro evaluate`"
+        )
+    return {row.pop("class"): row for row in table.to_dict("records")}
 
 
 def load_predictions(path: str | Path, n: int, n_classes: int) -> np.ndarray:

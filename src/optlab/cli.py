@@ -1,6 +1,6 @@
-"""The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report) and
-``optlab gate`` (the CI regression gate). User errors print ``error: ...`` and exit 2; a gate
-that finds a regression exits 1."""
+"""The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report), ``optlab gate``
+(the CI regression gate) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes
+it). User errors print ``error: ...`` and exit 2; a gate that finds a regression exits 1."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from optlab import compare, gate
 from optlab.errors import OptlabError
+from optlab.params import ParamsError
 
 EXIT_GATE_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -29,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--baseline", help="experiment name, commit or branch of the baseline (default: HEAD)")
     c.add_argument("--all-commits", action="store_true", help="read the experiments of every commit, not only HEAD's")
     c.add_argument(
+        "--metric",
+        default=compare.METRIC,
+        help="the test metric variants are ranked and tested by (default: %(default)s; e.g. loss, f1_macro)",
+    )
+    c.add_argument(
         "--threshold",
         type=float,
         default=compare.THRESHOLD_FRACTION,
@@ -36,32 +42,53 @@ def _parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
 
-    g = sub.add_parser("gate", help="fail when test accuracy drops below the baseline's")
+    g = sub.add_parser("gate", help="fail when a test metric (accuracy by default) got worse than the baseline's")
     g.add_argument("--baseline", required=True, help="the git revision to compare the workspace with, e.g. origin/main")
     g.add_argument(
         "--max-drop",
         type=float,
         default=gate.MAX_DROP,
-        help="largest allowed drop in the evaluate stage's test accuracy, absolute (default: %(default)s, one point)",
+        help="largest allowed worsening of the metric, absolute (default: %(default)s: one point of accuracy)",
     )
+    g.add_argument(
+        "--max-relative-drop",
+        type=float,
+        help="largest allowed worsening as a fraction of the baseline's value, e.g. 0.02; the smaller limit applies",
+    )
+    g.add_argument("--metric", default=gate.METRIC_KEY, help="the test metric to judge (default: %(default)s)")
     g.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+
+    c = sub.add_parser(
+        "params",
+        help="write params.yaml from conf/ with DVC's Hydra composition, as `dvc exp run` does before it runs "
+        "(for `dvc repro` after editing conf/)",
+    )
+    c.add_argument("overrides", nargs="*", help="Hydra overrides, as for dvc exp run -S: optimizer=sgd seed=3")
+    c.add_argument("--repo", default=".", help="the DVC repository (default: .)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "params":
+            from optlab.params import compose, load_params
+
+            written = compose(args.repo, overrides=tuple(args.overrides))
+            load_params(written)  # what the stages will check first
+            print(f"wrote {written} from conf/" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+            return 0
         if args.command == "compare":
-            result = compare.compare(args.repo, args.out, args.baseline, args.all_commits, args.threshold)
+            result = compare.compare(args.repo, args.out, args.baseline, args.all_commits, args.threshold, args.metric)
             print(f"wrote {args.out}: {len(result.ranked)} comparable variants, {len(result.excluded)} excluded")
             return 0
-        result, summary = gate.gate(args.baseline, args.max_drop, args.repo)
+        result, summary = gate.gate(args.baseline, args.max_drop, args.repo, args.metric, args.max_relative_drop)
         print(summary)
         if not result.passed:
             print(f"gate failed: {result.reason}", file=sys.stderr)
             return EXIT_GATE_FAILED
         return 0
-    except OptlabError as exc:
+    except (OptlabError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

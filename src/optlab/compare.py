@@ -21,7 +21,7 @@ from typing import Any
 
 from optlab import plotting
 from optlab.errors import OptlabError
-from optlab.experiments import METRICS, SEED_KEY, Group, find_baseline, group_runs, load_runs
+from optlab.experiments import CHOICES, METRICS, SEED_KEY, Group, choice, find_baseline, group_runs, load_runs
 from optlab.outputs import atomic_file
 from optlab.stats import (
     ALPHA,
@@ -29,6 +29,7 @@ from optlab.stats import (
     Difference,
     Summary,
     describe,
+    higher_is_better,
     holm,
     mean_curve,
     time_to_reach,
@@ -37,6 +38,7 @@ from optlab.stats import (
 )
 
 THRESHOLD_FRACTION = 0.95  # default: of the best variant's best mean validation accuracy
+METRIC = "accuracy"  # what variants are ranked and tested by (--metric): any number in the test metrics
 
 
 # --- which variants answer the same question ---------------------------------------------------
@@ -57,11 +59,28 @@ def require_comparable(a: Group, b: Group) -> None:
 
 
 def label_against(group: Group, baseline: Group) -> str:
-    """Name a variant by what it changes relative to the baseline."""
+    """Name a variant by what it changes relative to the baseline: ``optimizer=sgd`` for another
+    option of a group (with only the knobs it set apart from that option's conf/ file), then the
+    other params that differ."""
     if group is baseline:
         return "baseline"
     a, b = group.params, baseline.params
-    changed = [f"{k}={_fmt(a.get(k))}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    defaults = group.runs[0].choice_defaults
+    changed, seen = [], set()
+    for g in CHOICES:
+        if f"{g}.name" not in a:
+            continue  # the older layout: `optimizer` is a plain key, handled below
+        keys = {k for k in a.keys() | b.keys() if k.startswith(f"{g}.")}
+        seen |= keys
+        knobs = sorted(k for k in keys if k in a and k != f"{g}.name")
+        if choice(a, g) != choice(b, g):
+            changed.append(f"{g}={choice(a, g)}")
+            # Against the option's own conf/ file where it could be read, else against the baseline.
+            changed += [f"{k}={_fmt(a[k])}" for k in knobs if a[k] != (defaults[k] if k in defaults else b.get(k))]
+        else:
+            changed += [f"{k}={_fmt(a[k])}" for k in knobs if a[k] != b.get(k)]
+    rest = sorted((a.keys() | b.keys()) - seen)
+    changed += [f"{k}={_fmt(a.get(k))}" for k in rest if a.get(k) != b.get(k)]
     if group.runs[0].code_hash != baseline.runs[0].code_hash:
         changed.append("code changed")
     return ", ".join(changed) or "same params"
@@ -77,13 +96,14 @@ class Comparison:
     """Everything the report shows, computed once."""
 
     baseline: Group
-    ranked: list[Group]  # comparable variants, best mean test accuracy first (baseline included)
+    ranked: list[Group]  # comparable variants, best mean test `metric` first (baseline included)
     differences: dict[int, tuple[Difference, float]] = field(default_factory=dict)  # id(group) -> (d, p_holm)
     excluded: list[tuple[Group, list[str]]] = field(default_factory=list)
     threshold_fraction: float = THRESHOLD_FRACTION
     threshold: float = math.nan  # threshold_fraction x the best variant's best mean validation accuracy
     times: dict[int, list[float | None]] = field(default_factory=dict)  # id(group) -> seconds per seed
     curves: dict[int, Any] = field(default_factory=dict)  # id(group) -> mean_curve() over its seeds
+    metric: str = METRIC
 
     def time_summary(self, group: Group) -> Summary | None:
         """Seconds to reach the threshold, over the seeds that reached it (None if none did)."""
@@ -92,15 +112,21 @@ class Comparison:
 
 
 def build_comparison(
-    groups: list[Group], baseline: Group, threshold_fraction: float = THRESHOLD_FRACTION
+    groups: list[Group], baseline: Group, threshold_fraction: float = THRESHOLD_FRACTION, metric: str = METRIC
 ) -> Comparison:
     for group in groups:
         group.label = label_against(group, baseline)
     comparable = [g for g in groups if not incomparable_reasons(g, baseline)]
+    missing = [g for g in comparable if not g.values(metric)]
+    if baseline in missing:
+        known = sorted({m for g in groups for r in g.runs for m in r.metrics})
+        raise OptlabError(f"the baseline has no test metric {metric!r}; choose --metric from: {', '.join(known)}")
     excluded = [(g, incomparable_reasons(g, baseline)) for g in groups if g not in comparable]
-    ranked = sorted(comparable, key=lambda g: g.summary("accuracy").mean, reverse=True)
+    excluded += [(g, [f"no test metric {metric!r}"]) for g in missing]
+    comparable = [g for g in comparable if g not in missing]
+    ranked = sorted(comparable, key=lambda g: g.summary(metric).mean, reverse=higher_is_better(metric))
     variants = [g for g in ranked if g is not baseline]
-    diffs = [welch(g.values("accuracy"), baseline.values("accuracy")) for g in variants]
+    diffs = [welch(g.values(metric), baseline.values(metric)) for g in variants]
     adjusted = holm([d.p_value for d in diffs])
     result = Comparison(
         baseline,
@@ -108,6 +134,7 @@ def build_comparison(
         {id(g): (d, p) for g, d, p in zip(variants, diffs, adjusted, strict=True)},
         excluded,
         threshold_fraction,
+        metric=metric,
     )
 
     for g in ranked:
@@ -153,19 +180,20 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
         f"{n_runs} runs in {len(cmp.ranked)} variants from {source}. A variant is a set of runs that "
         f"differ only by `{SEED_KEY}`. Baseline: `{', '.join(sorted({r.name for r in base.runs}))}`.",
         "",
-        "## Ranking by test accuracy",
+        f"## Ranking by test {cmp.metric}",
         "",
         "Mean ± sample standard deviation over seeds, and the 95% Student-t confidence interval of the mean.",
         "",
     ]
+    columns = {cmp.metric: f"test {cmp.metric}", **{m: t for m, t in METRICS.items() if m != cmp.metric}}
     header = ["rank", "variant", "seeds"]
-    for title in METRICS.values():
+    for title in columns.values():
         header += [f"{title} (mean ± sd)", "95% CI"]
     header.append("diverged")
     rows = []
     for rank, g in enumerate(cmp.ranked, start=1):
         row = [rank, g.label, len(g.runs)]
-        for metric in METRICS:
+        for metric in columns:
             values = g.values(metric)
             row += [_pm(describe(values)), _ci(describe(values))] if values else ["–", "–"]
         rows.append([*row, f"**{g.diverged} of {len(g.runs)}**" if g.diverged else "–"])
@@ -178,13 +206,15 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
             if g is base:
                 continue
             d, p_holm = cmp.differences[id(g)]
-            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), _p(d.p_value), _p(p_holm), judged(g, base, d, p_holm)])
-        out += _table(["variant", "Δ test accuracy", "95% CI of Δ", "p (Welch)", "p (Holm)", "verdict"], rows)
+            verdict_ = judged(g, base, d, p_holm, higher_is_better(cmp.metric))
+            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), _p(d.p_value), _p(p_holm), verdict_])
+        out += _table(["variant", f"Δ test {cmp.metric}", "95% CI of Δ", "p (Welch)", "p (Holm)", "verdict"], rows)
     else:
         out.append("No other comparable variant.")
     out += [
         "",
-        f"Δ is the variant's mean test accuracy minus the baseline's. The test is Welch's t-test "
+        f"Δ is the variant's mean test {cmp.metric} minus the baseline's "
+        f"({'higher' if higher_is_better(cmp.metric) else 'lower'} is better). The test is Welch's t-test "
         f"(`scipy.stats.ttest_ind(equal_var=False)`): with a handful of seeds per variant nothing "
         f"says two variants share a variance (an optimizer or learning rate often changes it), "
         f"Welch does not assume they do, and it costs almost nothing when they do. With fewer than "
@@ -241,13 +271,13 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
     return "\n".join(out)
 
 
-def judged(variant: Group, baseline: Group, d: Difference, p_holm: float) -> str:
+def judged(variant: Group, baseline: Group, d: Difference, p_holm: float, higher_better: bool = True) -> str:
     """The verdict, unless a run diverged: a diverged run is a failure, not a draw from seed noise."""
     sides = ((variant, "its"), (baseline, "the baseline's"))
     failed = [f"{g.diverged} of {len(g.runs)} {name} seeds" for g, name in sides if g.diverged]
     if failed:
         return f"diverged ({' and '.join(failed)}): not a question of seed noise"
-    return verdict(d, p_holm)
+    return verdict(d, p_holm, higher_better=higher_better)
 
 
 def _ci_diff(d: Difference) -> str:
@@ -261,8 +291,10 @@ def compare(
     baseline: str | None = None,
     all_commits: bool = False,
     threshold_fraction: float = THRESHOLD_FRACTION,
+    metric: str = METRIC,
 ) -> Comparison:
-    """Read every committed run, write the Markdown report ``out`` and its figures beside it."""
+    """Read every committed run, write the Markdown report ``out`` and its figures beside it;
+    variants are ranked and tested by the test metric ``metric``."""
     repo = Path(repo).resolve()
     out = Path(out) if Path(out).is_absolute() else repo / out
     if not 0 < threshold_fraction <= 1:
@@ -274,7 +306,7 @@ def compare(
             + ("" if all_commits else " (or pass --all-commits)")
         )
     groups = group_runs(runs)
-    result = build_comparison(groups, find_baseline(groups, repo, baseline), threshold_fraction)
+    result = build_comparison(groups, find_baseline(groups, repo, baseline), threshold_fraction, metric)
 
     # Figures first, the report last: a report never links to a figure that is not there.
     figures = {}

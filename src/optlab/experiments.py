@@ -4,16 +4,22 @@ A *run* is one committed result: a commit or a DVC experiment, with its params, 
 per-epoch validation curve, data hash and code hash, read from its git revision at the paths
 ``dvc.yaml`` gives (:mod:`optlab.pipeline`). Runs that differ only by ``seed`` (same params,
 data and code) form one *variant*: a :class:`Group`.
+
+Only the params in use count: the knobs of the chosen optimizer and schedule. optlab's
+``params.yaml`` holds no others (``conf/`` composes the chosen ones in); experiments made with
+the older layout, which kept every optimizer's knobs (``optim.<name>.*``, ``sched.<name>.*``),
+have the unselected blocks dropped when they are read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,11 @@ from optlab.stats import Summary, describe
 
 PARAMS_FILE = "params.yaml"
 SEED_KEY = "seed"
-METRICS = {"accuracy": "test accuracy", "loss": "test loss", "f1_macro": "macro F1"}
+METRICS = {"accuracy": "test accuracy", "loss": "test loss", "f1_macro": "macro F1"}  # the report's columns
+# Hydra config groups of optlab's conf/ (optimizer=adam selects conf/optimizer/adam.yaml), and the
+# older layout's selector -> the prefix of its blocks of knobs, one per name.
+CHOICES = ("optimizer", "schedule")
+LEGACY_BLOCKS = {"optimizer": "optim", "schedule": "sched"}
 # A different dataset, epoch budget or data split asks another question: never pooled or tested.
 CONTEXT_KEYS = ("dataset", "train.epochs")
 CONTEXT_PREFIXES = ("prepare.",)
@@ -36,14 +46,17 @@ class Run:
 
     rev: str
     name: str
-    params: dict[str, Any]  # params.yaml, flattened to dotted keys
-    metrics: dict[str, float]  # the METRICS, from the evaluate stage's test metrics
+    params: dict[str, Any]  # params.yaml, flattened to dotted keys, the params in use only
+    metrics: dict[str, float]  # every number in the evaluate stage's test metrics
     trainable_params: float | None = None
     seconds_per_epoch: float | None = None
     data_hash: str | None = None  # the prepared data's hash in dvc.lock
     code_hash: str = ""  # the source files the stages depend on, so code changes never pool
     val_curve: tuple[float, ...] = ()
     diverged: bool = False  # training diverged or collapsed (train.on_divergence: record)
+    # The knobs of each chosen group option as conf/ set them at this revision
+    # ({"optimizer.momentum": 0.9, ...}), so a label can name only the knobs a run changed.
+    choice_defaults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> Any:
@@ -89,6 +102,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def in_use(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` without the knobs of an optimizer or schedule that is not selected (the older
+    layout's ``optim.sgd.*`` while ``optimizer: adam``)."""
+
+    def unused(key: str) -> bool:
+        for selector, prefix in LEGACY_BLOCKS.items():
+            chosen = flat.get(selector)
+            if isinstance(chosen, str) and key.startswith(f"{prefix}.") and not key.startswith(f"{prefix}.{chosen}."):
+                return True
+        return False
+
+    return {k: v for k, v in flat.items() if not unused(k)}
+
+
+def choice(params: dict[str, Any], group: str) -> Any:
+    """The option of ``group`` a run chose: ``optimizer.name`` (conf/ layout) or ``optimizer``."""
+    return params.get(f"{group}.name", params.get(group))
 
 
 def _group_key(run: Run) -> str:
@@ -146,7 +178,7 @@ def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[fl
         raise UnusableRun(f"no {PARAMS_FILE}")
     test_file = pipeline.test_metrics
     test = (data.get("metrics") or {}).get(test_file, {}).get("data") or {}
-    metrics = {m: float(test[m]) for m in METRICS if _is_number(test.get(m))}
+    metrics = {m: float(v) for m, v in flatten(test).items() if _is_number(v)}
     if "accuracy" not in metrics:
         raise UnusableRun(f"no accuracy in {test_file}")
     summary_file = f"{pipeline.live_dir}/{artifacts.SUMMARY}"
@@ -160,7 +192,7 @@ def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[fl
     return Run(
         rev=state["rev"],
         name=state.get("name") or state["rev"][:7],
-        params=flatten(params),
+        params=in_use(flatten(params)),
         metrics=metrics,
         trainable_params=_number_or_none(summary.get("trainable_params")),
         seconds_per_epoch=seconds_per_epoch,
@@ -213,6 +245,20 @@ def read_seconds_per_epoch(repo: Path, rev: str, pipeline: Pipeline) -> float | 
         return None
 
 
+def read_choice_defaults(repo: Path, rev: str, params: dict[str, Any], conf_dir: str = "conf") -> dict[str, Any]:
+    """The knobs conf/ gave each chosen group option at ``rev`` (flattened: optimizer.momentum)."""
+    import yaml
+
+    defaults: dict[str, Any] = {}
+    for group in CHOICES:
+        name = params.get(f"{group}.name")
+        text = read_at(repo, rev, f"{conf_dir}/{group}/{name}.yaml") if isinstance(name, str) else None
+        if text:
+            with contextlib.suppress(yaml.YAMLError, AttributeError):
+                defaults.update({f"{group}.{k}": v for k, v in (yaml.safe_load(text) or {}).items()})
+    return defaults
+
+
 def load_runs(repo: Path, all_commits: bool = False) -> tuple[list[Run], list[str]]:
     """Every committed run with test metrics, and a note for each run that was skipped."""
     pipeline = Pipeline.load(repo)
@@ -226,7 +272,8 @@ def load_runs(repo: Path, all_commits: bool = False) -> tuple[list[Run], list[st
         seen.add(rev)
         try:
             curve, seconds = read_curve(repo, rev, pipeline), read_seconds_per_epoch(repo, rev, pipeline)
-            runs.append(run_from_state(state, pipeline, curve, seconds))
+            found = run_from_state(state, pipeline, curve, seconds)
+            runs.append(replace(found, choice_defaults=read_choice_defaults(repo, rev, found.params)))
         except UnusableRun as exc:
             notes.append(f"`{state.get('name') or rev[:7]}` skipped: {exc}")
     return runs, notes

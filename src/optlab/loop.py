@@ -99,10 +99,10 @@ def divergence(epoch: int, logs: dict[str, float], earlier: Sequence[dict[str, f
         )
     else:
         return ""
-    lr = params.optimizer_args.learning_rate
+    opt = params.optimizer
     return (
         f"training {what} (a uniform guess scores {uniform:.3g}). The likely cause is a learning rate too high "
-        f"for {params.optimizer} (optim.{params.optimizer}.learning_rate = {lr}); try 10x lower, "
+        f"for {opt.name} (optimizer.learning_rate = {opt.learning_rate}); try 10x lower, "
         f"a warm-up (schedule=warmup_cosine), or batch normalization."
     )
 

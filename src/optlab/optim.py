@@ -79,14 +79,14 @@ SCHEDULES: dict[str, Callable[..., Rate]] = {
 
 def build_schedule(params: Params, steps_per_epoch: int) -> Rate:
     """The learning rate ``params.schedule`` makes of the optimizer's ``learning_rate``."""
-    lr = params.optimizer_args.learning_rate
-    return SCHEDULES[params.schedule](lr, params.schedule_args, steps_per_epoch, params.train.epochs)
+    lr = params.optimizer.learning_rate
+    return SCHEDULES[params.schedule.name](lr, params.schedule, steps_per_epoch, params.train.epochs)
 
 
 def build_optimizer(params: Params, learning_rate: Rate) -> keras.optimizers.Optimizer:
-    """The optimizer named by ``params.optimizer``, with its knobs and ``learning_rate``."""
-    knobs = params.optimizer_args.model_dump(exclude={"learning_rate"})
-    return OPTIMIZERS[params.optimizer](learning_rate=learning_rate, **knobs)
+    """The optimizer ``params.optimizer`` names, with its knobs and ``learning_rate``."""
+    knobs = params.optimizer.model_dump(exclude={"name", "learning_rate"})
+    return OPTIMIZERS[params.optimizer.name](learning_rate=learning_rate, **knobs)
 
 
 class AppliedRate:
@@ -124,9 +124,9 @@ def mode(monitor: str) -> str:
 
 
 def plateau_callback(params: Params) -> keras.callbacks.Callback | None:
-    if params.schedule != "plateau":
+    if params.schedule.name != "plateau":
         return None
-    a = params.sched.plateau
+    a = params.schedule
     return keras.callbacks.ReduceLROnPlateau(
         monitor=a.monitor, mode=mode(a.monitor), factor=a.factor, patience=a.patience, min_lr=a.min_lr, verbose=0
     )

@@ -4,9 +4,12 @@ This is the one module that knows the file's layout. Every stage calls :func:`lo
 first, so a typo or an out-of-range value stops the pipeline before any data is downloaded or
 any model is built, with a message that names the key and says what to write instead.
 
-``params.yaml`` is the experiment, and the only place its values live: the schema here has
-types and ranges but no defaults, so a file that lacks a key is refused by name instead of
-silently running another experiment (a test keeps it that way).
+``params.yaml`` is the experiment that runs. ``dvc exp run`` composes it from ``conf/`` (DVC's
+Hydra composition: ``conf/config.yaml`` plus the chosen file of each group, ``conf/optimizer/``
+and ``conf/schedule/``), so it holds the knobs of the chosen optimizer and schedule only. The
+values live in ``conf/`` and nowhere else: the schema here has types and ranges but no defaults,
+so a file that lacks a key is refused by name instead of silently running another experiment
+(a test keeps it that way, and another that ``params.yaml`` is what ``conf/`` composes to).
 
 No Keras import here: the registries' *names* are listed below and a test checks that they
 match the dicts in ``models.py`` and ``optim.py``.
@@ -16,15 +19,13 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "digits")
 MODEL_NAMES = ("mlp", "cnn")
-OPTIMIZER_NAMES = ("adam", "sgd", "rmsprop", "adamw", "nadam")
-SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine", "warmup_cosine", "plateau")
 
 
 class ParamsError(ValueError):
@@ -66,103 +67,121 @@ class ModelParams(Section):
         return _choice(v, MODEL_NAMES, "model.name")
 
 
-# --- optimizers: one block of knobs per name; `optimizer` picks the block --------------------
-class AdamParams(Section):
+# --- optimizers and schedules: Hydra config groups ------------------------------------------
+# `dvc exp run -S optimizer=rmsprop` selects conf/optimizer/rmsprop.yaml, so params.yaml holds the
+# knobs of the chosen optimizer (and schedule) only, with its `name`; the schema of each is a
+# member of a union told apart by `name`.
+class Choice(Section):
+    name: str
+
+
+class Optimizer(Choice):
     learning_rate: PositiveFloat
+
+
+class AdamParams(Optimizer):
+    name: Literal["adam"]
     beta_1: Fraction
     beta_2: Fraction
 
 
-class SGDParams(Section):
-    learning_rate: PositiveFloat
+class SGDParams(Optimizer):
+    name: Literal["sgd"]
     momentum: Fraction
     nesterov: bool
 
 
-class RMSpropParams(Section):
-    learning_rate: PositiveFloat
+class RMSpropParams(Optimizer):
+    name: Literal["rmsprop"]
     rho: Fraction
     momentum: Fraction
 
 
-class AdamWParams(Section):
-    learning_rate: PositiveFloat
+class AdamWParams(Optimizer):
+    name: Literal["adamw"]
     weight_decay: Annotated[float, Field(ge=0)]
     beta_1: Fraction
     beta_2: Fraction
 
 
-class NadamParams(Section):
-    learning_rate: PositiveFloat
+class NadamParams(Optimizer):
+    name: Literal["nadam"]
     beta_1: Fraction
     beta_2: Fraction
 
 
-class OptimParams(Section):
-    adam: AdamParams
-    sgd: SGDParams
-    rmsprop: RMSpropParams
-    adamw: AdamWParams
-    nadam: NadamParams
+AnyOptimizer = Annotated[
+    AdamParams | SGDParams | RMSpropParams | AdamWParams | NadamParams, Field(discriminator="name")
+]
 
 
-# --- schedules: one block per name; `schedule` picks the block ------------------------------
-class StepParams(Section):
+class ConstantParams(Choice):
+    name: Literal["constant"]
+
+
+class StepParams(Choice):
+    name: Literal["step"]
     every_epochs: Annotated[int, Field(ge=1)]
     factor: Annotated[float, Field(gt=0, lt=1)]  # multiply the rate by this every `every_epochs`
 
 
-class ExponentialParams(Section):
+class ExponentialParams(Choice):
+    name: Literal["exponential"]
     rate_per_epoch: Annotated[float, Field(gt=0, lt=1)]  # smooth decay, per epoch
 
 
-class CosineParams(Section):
+class CosineParams(Choice):
+    name: Literal["cosine"]
     alpha: Fraction  # final rate as a fraction of the initial one
 
 
-class WarmupCosineParams(Section):
+class WarmupCosineParams(Choice):
+    name: Literal["warmup_cosine"]
     warmup_epochs: Annotated[float, Field(gt=0)]  # linear ramp from ~0 to the optimizer's rate
     alpha: Fraction
 
 
-class PlateauParams(Section):
+class PlateauParams(Choice):
+    name: Literal["plateau"]
     monitor: Literal["val_loss", "val_accuracy"]
     factor: Annotated[float, Field(gt=0, lt=1)]
     patience: Annotated[int, Field(ge=0)]  # epochs without improvement before a cut
     min_lr: Annotated[float, Field(ge=0)]
 
 
-class SchedParams(Section):
-    step: StepParams
-    exponential: ExponentialParams
-    cosine: CosineParams
-    warmup_cosine: WarmupCosineParams
-    plateau: PlateauParams
+AnySchedule = Annotated[
+    ConstantParams | StepParams | ExponentialParams | CosineParams | WarmupCosineParams | PlateauParams,
+    Field(discriminator="name"),
+]
+
+
+def _members(union: Any) -> dict[str, type[Choice]]:
+    """name -> schema, for each member of a union told apart by ``name``."""
+    members = get_args(get_args(union)[0])
+    return {get_args(m.model_fields["name"].annotation)[0]: m for m in members}
+
+
+# group -> (name -> schema): what `-S <group>=<name>` selects (a file conf/<group>/<name>.yaml).
+GROUPS: dict[str, dict[str, type[Choice]]] = {"optimizer": _members(AnyOptimizer), "schedule": _members(AnySchedule)}
+OPTIMIZER_NAMES = tuple(GROUPS["optimizer"])
+SCHEDULE_NAMES = tuple(GROUPS["schedule"])
 
 
 # --- train ---------------------------------------------------------------------------------
-class EarlyStoppingParams(Section):
-    enabled: bool
-    monitor: Literal["val_accuracy", "val_loss"]
-    patience: Annotated[int, Field(ge=1)]
-    restore_best_weights: bool
-
-
-class KeepBestParams(Section):
-    # "The last epoch is not always the best" (report 004): save the best epoch's weights as the model.
-    enabled: bool
-    monitor: Literal["val_accuracy", "val_loss"]
-
-
 class TrainParams(Section):
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)]
-    # auto: the fastest on this machine, by a rule optlab.backend.choose_backend documents and
+    # auto: the fastest on this machine, by a rule optlab.backend.choose_engine documents and
     # run.json records; results differ slightly between backends.
     backend: Literal["auto", "jax", "tensorflow"]
     loop: Literal["auto", "compiled", "keras"]  # compiled: one XLA program per epoch (jax only)
-    early_stopping: EarlyStoppingParams
-    keep_best: KeepBestParams
+    # Keras's EarlyStopping: stop after this many epochs without a better `monitor` (0: off).
+    early_stopping: Annotated[int, Field(ge=0)]
+    # "The last epoch is not always the best" (report 004): save the best epoch's weights by
+    # `monitor` as the model, not the last ones (what EarlyStopping's restore_best_weights and
+    # ModelCheckpoint(save_best_only) do between them).
+    keep_best: bool
+    monitor: Literal["val_accuracy", "val_loss"]  # what early stopping, keep_best and best_epoch watch
     tensorboard: bool
     # A diverged run (loss NaN, infinite or far worse than chance) is a result (record: its
     # curves and last finite model are kept, the metrics say so, the stage exits 0) or an error.
@@ -189,14 +208,12 @@ class PlotParams(Section):
 
 
 class Params(Section):
+    optimizer: AnyOptimizer
+    schedule: AnySchedule
     dataset: str
     seed: Annotated[int, Field(ge=0)]  # weights, dropout masks and batch order
-    optimizer: str
-    schedule: str
     prepare: PrepareParams
     model: ModelParams
-    optim: OptimParams
-    sched: SchedParams
     train: TrainParams
     evaluate: EvaluateParams
     plot: PlotParams
@@ -205,25 +222,6 @@ class Params(Section):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _choice(v, DATASET_NAMES, "dataset")
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, v: str) -> str:
-        return _choice(v, OPTIMIZER_NAMES, "optimizer")
-
-    @field_validator("schedule")
-    @classmethod
-    def _known_schedule(cls, v: str) -> str:
-        return _choice(v, SCHEDULE_NAMES, "schedule")
-
-    # The chosen block of knobs, so callers never index by name themselves.
-    @property
-    def optimizer_args(self) -> BaseModel:
-        return getattr(self.optim, self.optimizer)
-
-    @property
-    def schedule_args(self) -> BaseModel | None:
-        return getattr(self.sched, self.schedule, None)
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str) -> str:
@@ -238,8 +236,11 @@ def _keys_of(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
-    """The pydantic model class that holds the field at ``loc`` (for listing valid keys)."""
+def _section_at(loc: tuple[Any, ...]) -> tuple[type[BaseModel], tuple[Any, ...]]:
+    """The pydantic model class that holds the field at ``loc`` (for listing valid keys), and
+    ``loc`` as the user writes it (pydantic puts a union member's tag in it: optimizer.adam.x)."""
+    if len(loc) >= 2 and loc[0] in GROUPS and loc[1] in GROUPS[loc[0]]:
+        return GROUPS[loc[0]][loc[1]], (loc[0], *loc[2:])
     cls: type[BaseModel] = Params
     for part in loc[:-1]:
         field = cls.model_fields.get(str(part))
@@ -247,18 +248,34 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel]:
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             break
         cls = ann
-    return cls
+    return cls, loc
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"])
+    cls, loc = _section_at(tuple(err["loc"]))
     key = ".".join(str(p) for p in loc) or "(top level)"
     kind = err["type"]
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        group, given = loc[0], (err.get("input") or {}).get("name")
+        names = tuple(GROUPS[group])
+        try:
+            problem = "no name" if given is None else _choice(given, names, group)
+        except ValueError as exc:
+            problem = str(exc)
+        return f"{group}.name: {problem} (choose with -S {group}=<name>, which brings its knobs from conf/{group}/)"
     if kind == "extra_forbidden":
-        valid = _keys_of(_section_at(loc))
+        valid = _keys_of(cls)
         hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         suggestion = f" Did you mean '{'.'.join(map(str, loc[:-1] + (hint[0],)))}'?" if hint else ""
-        return f"{key}: unknown key.{suggestion} Valid keys here: {', '.join(valid)}."
+        other = ""
+        if loc[0] in GROUPS and len(loc) == 2:
+            owners = [n for n, m in GROUPS[loc[0]].items() if str(loc[-1]) in m.model_fields]
+            if owners:
+                other = (
+                    f" ({loc[-1]} is a knob of {', '.join(owners)}: switch with -S {loc[0]}=<name>, not by "
+                    f"editing {loc[0]}.name, so the new {loc[0]}'s knobs come with it)"
+                )
+        return f"{key}: unknown key.{suggestion} Valid keys here: {', '.join(valid)}.{other}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -304,9 +321,43 @@ def read_raw(path: str | Path = "params.yaml") -> dict[str, Any]:
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """The validated params of ``path``, with optional dotted ``overrides`` (for benchmarks and
-    tools that run a variant of the repository's experiment)."""
+    """The validated params of ``path``, with optional dotted ``overrides`` of its values (a group
+    such as ``optimizer`` is switched by :func:`load_variant`, as ``dvc exp run -S`` does)."""
     raw = read_raw(path)
     if overrides and isinstance(raw, dict):
         raw = set_dotted(raw, overrides)
     return validate_params(raw, str(path))
+
+
+# --- composing params.yaml from conf/ (what `dvc exp run` does first) ------------------------
+def compose(repo: str | Path = ".", output: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Path:
+    """Write ``params.yaml`` (or ``output``) from ``conf/`` with DVC's own Hydra composition and
+    the repository's ``hydra`` settings, exactly as ``dvc exp run`` does before it runs; for
+    ``dvc repro`` after ``conf/`` was edited (``optlab params``), and for the test that the
+    committed ``params.yaml`` is ``conf/`` composed."""
+    from dvc.repo import Repo
+    from dvc.utils.hydra import compose_and_dump
+
+    repo = Path(repo).resolve()
+    with Repo(str(repo)) as dvc_repo:
+        hydra = dvc_repo.config.get("hydra", {})
+    if not hydra.get("enabled"):
+        raise ParamsError(f"{repo}: DVC's Hydra composition is not enabled (dvc config hydra.enabled true)")
+    out = Path(output) if output is not None else repo / "params.yaml"
+    config_dir = str(repo / hydra.get("config_dir", "conf"))
+    try:
+        compose_and_dump(out, config_dir, None, hydra.get("config_name", "config"), str(repo), list(overrides))
+    except Exception as exc:  # Hydra's own errors name the file or override that is wrong
+        raise ParamsError(f"cannot compose {config_dir}: {exc}") from None
+    return out
+
+
+def load_variant(repo: str | Path, overrides: tuple[str, ...] | list[str]) -> Params:
+    """The validated params of ``dvc exp run -S o1 -S o2 ...`` in ``repo`` (Hydra override syntax:
+    ``optimizer=sgd``, ``optimizer.learning_rate=0.1``), without running anything: for benchmarks
+    and tools that run a variant of the repository's experiment."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compose(repo, Path(tmp) / "params.yaml", tuple(overrides))
+        return load_params(path)

@@ -179,9 +179,10 @@ def _f1_rows(f1: Mapping[str, float]) -> list[tuple[str, float | None]]:
     return ranked[:SHOWN_EXTREMES] + [(f"... {hidden} classes not shown ...", None)] + ranked[-SHOWN_EXTREMES:]
 
 
-def per_class_f1(per_class: Mapping[str, Mapping[str, float]], macro_f1: float, path: str | Path) -> None:
-    """F1 of each class as sorted bars, best at the top, against the macro average."""
+def per_class_f1(per_class: Mapping[str, Mapping[str, float]], path: str | Path) -> None:
+    """F1 of each class as sorted bars, best at the top, against the macro average (their mean)."""
     f1 = {name: float(row["f1"]) for name, row in per_class.items()}
+    macro_f1 = float(np.mean(list(f1.values())))
     rows = _f1_rows(f1)
     fig = _figure(8, 0.28 * len(rows) + 1.9)
     ax = fig.subplots()
@@ -262,7 +263,7 @@ class Figures:
 
     history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history
     diagnostics: Mapping[str, pd.DataFrame]  # from optlab.artifacts.read_diagnostics (may be empty)
-    test_metrics: Mapping[str, Any]
+    per_class: Mapping[str, Mapping[str, float]]  # from optlab.artifacts.load_per_class
     y_test: np.ndarray
     probabilities: np.ndarray  # (test images, classes)
     images: np.ndarray  # the original test images, uint8 (N, H, W, C)
@@ -276,9 +277,7 @@ class Figures:
             "learning_rate.png": lambda path: learning_rate(self.history, path),
             "gradients.png": lambda path: gradients(self.diagnostics, path),
             "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),
-            "per_class_f1.png": lambda path: per_class_f1(
-                self.test_metrics["per_class"], self.test_metrics["f1_macro"], path
-            ),
+            "per_class_f1.png": lambda path: per_class_f1(self.per_class, path),
             "confused_images.png": lambda path: confused_images(
                 self.images, self.y_test, self.probabilities, self.classes, params.confused_images, path
             ),
@@ -305,13 +304,13 @@ def compare_accuracy(cmp: Comparison, path: Path) -> None:
     fig = _figure(7, 0.45 * len(groups) + 1.5)
     ax = fig.subplots()
     for y, g in enumerate(groups):
-        s = g.summary("accuracy")
+        s = g.summary(cmp.metric)
         ax.errorbar(
             s.mean, y, xerr=_interval(s), fmt="o", capsize=4, color=VAL_COLOR if g is cmp.baseline else TRAIN_COLOR
         )
-        ax.plot(g.values("accuracy"), [y] * len(g.runs), "x", color="0.5", markersize=4)
+        ax.plot(g.values(cmp.metric), [y] * len(g.runs), "x", color="0.5", markersize=4)
     _variant_axis(ax, [g.label for g in groups])
-    ax.set_xlabel("test accuracy (mean and 95% CI over seeds; x: single seeds)")
+    ax.set_xlabel(f"test {cmp.metric} (mean and 95% CI over seeds; x: single seeds)")
     _save(fig, path)
 
 
@@ -340,12 +339,12 @@ def compare_params(cmp: Comparison, path: Path) -> None:
         sizes = [r.trainable_params for r in g.runs if r.trainable_params]
         if not sizes:
             continue
-        s = g.summary("accuracy")
+        s = g.summary(cmp.metric)
         ax.errorbar(sizes[0], s.mean, yerr=_interval(s), fmt="o", capsize=4)
         ax.annotate(g.label, (sizes[0], s.mean), textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters")
-    ax.set_ylabel("test accuracy (mean and 95% CI)")
+    ax.set_ylabel(f"test {cmp.metric} (mean and 95% CI)")
     ax.grid(alpha=0.3, which="both")
     _save(fig, path)
 
@@ -369,9 +368,9 @@ def compare_time(cmp: Comparison, path: Path) -> None:
 def comparison_figures(cmp: Comparison) -> dict[str, tuple[str, Any]]:
     """title -> (file suffix, draw(path)) of each figure the comparison report shows."""
     figures = {
-        "Test accuracy by variant": ("accuracy", lambda path: compare_accuracy(cmp, path)),
+        f"Test {cmp.metric} by variant": ("accuracy", lambda path: compare_accuracy(cmp, path)),
         "Validation accuracy per epoch": ("curves", lambda path: compare_curves(cmp, path)),
-        "Test accuracy against trainable parameters": ("params", lambda path: compare_params(cmp, path)),
+        f"Test {cmp.metric} against trainable parameters": ("params", lambda path: compare_params(cmp, path)),
     }
     if cmp.times:
         figures["Time to reach the validation accuracy threshold"] = ("time", lambda path: compare_time(cmp, path))

@@ -20,6 +20,11 @@ ALPHA = 1 - CONFIDENCE
 MIN_SEEDS_FOR_TEST = 3
 
 
+def higher_is_better(metric: str) -> bool:
+    """Losses and the generalization gap improve by going down; accuracies and F1 by going up."""
+    return not (metric.endswith("loss") or metric.endswith("gap"))
+
+
 # --- statistics on plain numbers -------------------------------------------------------------
 @dataclass(frozen=True)
 class Summary:
@@ -89,12 +94,14 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(d: Difference, p_holm: float = math.nan, alpha: float = ALPHA) -> str:
+def verdict(d: Difference, p_holm: float = math.nan, alpha: float = ALPHA, higher_better: bool = True) -> str:
+    """What the test says of ``d`` (variant - baseline) for a metric that improves upwards
+    (``higher_better``) or downwards (a loss)."""
     if not d.tested:
         return d.reason
     if d.p_value >= alpha:
         return "within seed noise"
-    direction = "better" if d.diff > 0 else "worse"
+    direction = "better" if (d.diff > 0) == higher_better else "worse"
     if not math.isnan(p_holm) and p_holm >= alpha:
         return f"{direction}, larger than seed noise (not after Holm correction)"
     return f"{direction}, larger than seed noise"

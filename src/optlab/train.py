@@ -109,35 +109,30 @@ class Backup:
 # --- the stage ------------------------------------------------------------------------------
 def _callbacks(params: Params, scratch: Path, logs_dir: Path) -> tuple[list[keras.callbacks.Callback], Path | None]:
     callbacks: list[keras.callbacks.Callback] = []
-    es = params.train.early_stopping
-    if es.enabled:
+    t = params.train
+    if t.early_stopping:
+        # keep_best restores the best epoch's weights whether or not training stops early.
         callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=es.monitor,
-                mode=mode(es.monitor),
-                patience=es.patience,
-                restore_best_weights=es.restore_best_weights,
-            )
+            keras.callbacks.EarlyStopping(monitor=t.monitor, mode=mode(t.monitor), patience=t.early_stopping)
         )
     best_path = None
-    kb = params.train.keep_best
-    if kb.enabled:
+    if t.keep_best:
         best_path = scratch / "best.weights.h5"
         callbacks.append(
             keras.callbacks.ModelCheckpoint(
-                best_path, monitor=kb.monitor, mode=mode(kb.monitor), save_best_only=True, save_weights_only=True
+                best_path, monitor=t.monitor, mode=mode(t.monitor), save_best_only=True, save_weights_only=True
             )
         )
-    if params.train.tensorboard:
+    if t.tensorboard:
         # TensorBoard logs sit outside DVC's outputs; compare runs with `tensorboard --logdir logs`.
-        run_name = os.environ.get("DVC_EXP_NAME") or f"{params.optimizer}-{params.schedule}-seed{params.seed}"
-        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / run_name)))
+        name = os.environ.get("DVC_EXP_NAME") or f"{params.optimizer.name}-{params.schedule.name}-seed{params.seed}"
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / name)))
     return callbacks, best_path
 
 
 def best_epoch(history: History, params: Params) -> int:
-    """1-based epoch with the best monitored validation metric (a diverged epoch's NaN never wins)."""
-    monitor = params.train.keep_best.monitor if params.train.keep_best.enabled else params.train.early_stopping.monitor
+    """1-based epoch with the best ``train.monitor`` (a diverged epoch's NaN never wins)."""
+    monitor = params.train.monitor
     values = np.array(history.column(monitor), dtype=float)
     if np.isnan(values).all():
         return len(values)
@@ -245,8 +240,10 @@ def run(
             "trainable_params": trainable_params(model),
             "epochs_run": len(history.epochs),
             "best_epoch": best_epoch(history, params),
-            "inference_train_accuracy": inference["train"],
-            "inference_val_accuracy": inference["val"],
+            # Measured on the model saved, in inference mode (report 003's warning): the running
+            # averages Keras logs per epoch are curves in the history, not these.
+            "train_accuracy": inference["train"],
+            "val_accuracy": inference["val"],
             "diverged": int(bool(history.diverged)),
             **({"diverged_epoch": len(history.epochs)} if history.diverged else {}),
             **diagnostics_summary(history),
