@@ -1,6 +1,7 @@
 """The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report), ``optlab gate``
-(the CI regression gate) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes
-it). User errors print ``error: ...`` and exit 2; a gate that finds a regression exits 1."""
+(the CI regression gate), ``optlab lr-find`` (the learning-rate range test of the experiment in
+params.yaml) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes it).
+User errors print ``error: ...`` and exit 2; a gate that finds a regression exits 1."""
 
 from __future__ import annotations
 
@@ -58,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", default=gate.METRIC_KEY, help="the test metric to judge (default: %(default)s)")
     g.add_argument("--repo", default=".", help="the DVC repository (default: .)")
 
+    f = sub.add_parser("lr-find", help="the learning-rate range test of the experiment in params.yaml")
+    f.add_argument(
+        "overrides", nargs="*", help="a variant, as for dvc exp run -S (composed from conf/): optimizer=sgd seed=1"
+    )
+    f.add_argument("--repo", default=".", help="the DVC repository (default: .); reads its prepared data")
+    f.add_argument("--params", default="params.yaml", help="the params file, relative to --repo (default: %(default)s)")
+    f.add_argument(
+        "--out",
+        default="reports/lr_find",
+        help="writes <out>.json and <out>.png, relative to --repo (default: %(default)s)",
+    )
+    f.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: %(default)s)")
+    f.add_argument("--end", type=float, default=10.0, help="last learning rate (default: %(default)s)")
+    f.add_argument("--steps", type=int, default=200, help="batches at most, one rate each (default: %(default)s)")
+
     c = sub.add_parser(
         "params",
         help="write params.yaml from conf/ with DVC's Hydra composition, as `dvc exp run` does before it runs "
@@ -71,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "lr-find":
+            return _lr_find(args)
         if args.command == "params":
             from optlab.params import compose, load_params
 
@@ -91,6 +109,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptlabError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _lr_find(args) -> int:
+    from pathlib import Path
+
+    from optlab.backend import configure
+    from optlab.params import load_params, load_variant
+    from optlab.pipeline import Pipeline
+
+    repo = Path(args.repo)
+    params = load_variant(repo, args.overrides) if args.overrides else load_params(repo / args.params)
+    data = repo / Pipeline.load(repo).prepared_data
+    if not data.is_dir():
+        raise OptlabError(f"{data} not found: run `dvc repro prepare` first (the range test trains on it)")
+    configure("jax")  # the compiled loop, whatever train.backend says: a few seconds, not a run
+    from optlab import lr_find
+
+    result = lr_find.run(params, data, args.start, args.end, args.steps)
+    out = Path(args.out) if Path(args.out).is_absolute() else repo / args.out
+    json_path, png_path = lr_find.save(result, out)
+    s = result.suggestions
+    print(
+        f"{params.optimizer.name}: {len(result.rates)} steps from {result.rates[0]:.2g} to {result.rates[-1]:.2g}"
+        f"{'; ' + result.stopped if result.stopped else ''}\n"
+        f"suggested learning rate {s['min_over_10']:.2g} (a tenth of the lowest loss's), steepest fall at "
+        f"{s['steepest']:.2g}\nwrote {json_path} and {png_path}\n"
+        + (result.command() if result.conclusive else "no command: the test was inconclusive (see above)")
+    )
+    return 0
 
 
 if __name__ == "__main__":

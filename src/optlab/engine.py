@@ -12,7 +12,7 @@ epoch driver (``optlab.loop``) runs the callbacks, keeps the history and checks 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from optlab.backend import require_chosen
@@ -87,8 +87,17 @@ class CompiledEngine:
     probe batch activates.
     """
 
-    def __init__(self, model: keras.Model, batch_size: int, eval_rows: int, diagnostics: bool = False) -> None:
-        """``eval_rows``: examples per inference chunk (memory only; results do not depend on it)."""
+    def __init__(
+        self,
+        model: keras.Model,
+        batch_size: int,
+        eval_rows: int,
+        diagnostics: bool = False,
+        average: Callable[[list, list], list] | None = None,
+    ) -> None:
+        """``eval_rows``: examples per inference chunk (memory only; results do not depend on it).
+        ``average``: how the weights to evaluate follow from the training weights and the
+        optimizer's variables (``optlab.optim.evaluation_weights``; None: they are the same)."""
         if keras.backend.backend() != "jax":
             raise OptlabError("train.loop 'compiled' needs train.backend: jax")
         self.model, self.batch_size, self.diagnostics = model, batch_size, diagnostics
@@ -184,7 +193,11 @@ class CompiledEngine:
             correct = jnp.sum(jnp.argmax(probs, axis=-1) == y)
             return jnp.mean(losses) + reg[0], correct, probs
 
+        def evaluation_weights(tv, ov):
+            return average(tv, ov) if average is not None else tv
+
         self._device = jax.devices()[0]
+        self._evaluation_weights = jax.jit(evaluation_weights)
         self._chunk = jax.jit(chunk, donate_argnums=0)
         self._step = jax.jit(indexed_step, donate_argnums=0)  # one batch: the last, partial one, or a conv model's
         self._infer = jax.jit(infer)
@@ -282,6 +295,18 @@ class CompiledEngine:
         # Averages over the epoch, weights changing as it goes, as fit reports them.
         return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
 
+    def batch_losses(self, x: jax.Array, y: jax.Array, batches: Iterable[np.ndarray]) -> Iterator[float]:
+        """Train on each batch of indices in turn, yielding each step's mean training loss (before
+        its update, as Keras reports it); the state goes back into the Keras objects when the
+        caller stops (the learning-rate range test stops when the loss blows up)."""
+        state = self._state()
+        try:
+            for idx in batches:
+                state, (loss_sum, _, _) = self._step(state, x, y, jnp.asarray(idx), False)
+                yield float(loss_sum) / len(idx)
+        finally:
+            self._store(state)
+
     def _summarize(self, state, grad, ratio) -> dict[str, LayerDiagnostics]:
         tv, ntv, _ = state
         weight = np.asarray(self._norms(tv))
@@ -290,8 +315,11 @@ class CompiledEngine:
         rows = zip(self.labels, grad, weight, ratio, dead, strict=True)
         return {label: LayerDiagnostics(float(g), float(w), float(r), d) for label, g, w, r, d in rows}
 
-    def infer(self, x: jax.Array, y: jax.Array) -> tuple[dict[str, float], np.ndarray]:
-        """Loss and accuracy in inference mode on the current weights, and the probabilities."""
-        tv, ntv, _ = self._state()
+    def infer(self, x: jax.Array, y: jax.Array, as_they_are: bool = False) -> tuple[dict[str, float], np.ndarray]:
+        """Loss and accuracy in inference mode, and the probabilities, on the evaluation weights of
+        the current state (schedule-free AdamW's average), or on the model's weights as they are."""
+        tv, ntv, ov = self._state()
+        if not as_they_are:
+            tv = self._evaluation_weights(tv, ov)
         loss, correct, probs = self._infer(tv, ntv, x, y)
         return {"loss": float(loss), "accuracy": int(correct) / len(y)}, np.asarray(probs)

@@ -212,6 +212,44 @@ class _EpochEnd(keras.callbacks.Callback):
             self.on_epoch(epoch, logs, self.history)
 
 
+class KeepBest(keras.callbacks.Callback):
+    """``train.keep_best``: after each epoch, a copy of the model's evaluation weights (what it is
+    saved with; schedule-free AdamW's average) when ``monitor`` is the best so far. Kept in the
+    resume backup, so a resumed run keeps the same best epoch as an uninterrupted one."""
+
+    def __init__(self, monitor: str, weights: Callable[[], list[np.ndarray]]) -> None:
+        super().__init__()
+        self.monitor, self.weights = monitor, weights
+        self.lower = optim.mode(monitor) == "min"
+        self.best_value: float | None = None
+        self.best: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = float((logs or {}).get(self.monitor, math.nan))
+        if math.isfinite(value) and (
+            self.best_value is None or (value < self.best_value if self.lower else value > self.best_value)
+        ):
+            self.best_value, self.best = value, self.weights()
+
+
+class _EvaluationWeights(keras.callbacks.Callback):
+    """The keras loop's validation on the evaluation weights (schedule-free AdamW's average x):
+    swapped in when ``fit`` starts validating, the training weights back when it ends."""
+
+    def __init__(self, loop: Loop) -> None:
+        super().__init__()
+        self.loop, self.training = loop, None
+
+    def on_test_begin(self, logs=None):
+        self.training = [v.value for v in self.model.trainable_variables]
+        for var, value in zip(self.model.trainable_variables, self.loop.evaluation_weights(), strict=True):
+            var.assign(value)
+
+    def on_test_end(self, logs=None):
+        for var, value in zip(self.model.trainable_variables, self.training, strict=True):
+            var.assign(value)
+
+
 class _Batches(keras.utils.PyDataset):
     """The keras loop's input: the batches of :func:`epoch_order`, epoch after epoch."""
 
@@ -259,11 +297,16 @@ class Loop:
     ) -> None:
         self.model, self.params, self.steps_per_epoch, self.rate = model, params, steps_per_epoch, rate
         self.choice = choice  # backend, loop and the rule that chose them (run.json records it)
+        # Schedule-free AdamW's weights to evaluate and save; None: the training weights themselves.
+        self.average = optim.evaluation_weights(model)
+        self.finished = False  # finish() put the evaluation weights in the model
         self.engine = None
         if choice.loop == "compiled":
             from optlab.engine import CompiledEngine
 
-            self.engine = CompiledEngine(model, params.train.batch_size, EVAL_ROWS, params.train.diagnostics)
+            self.engine = CompiledEngine(
+                model, params.train.batch_size, EVAL_ROWS, params.train.diagnostics, self.average
+            )
 
     @classmethod
     def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int) -> Loop:
@@ -271,7 +314,7 @@ class Loop:
         the backend Keras runs (``optlab.backend.configure`` chose it)."""
         steps = math.ceil(n_train / params.train.batch_size)  # the last batch may be partial
         rate = optim.build_schedule(params, steps)
-        optimizer = optim.build_optimizer(params, rate)
+        optimizer = optim.build_optimizer(params, rate, steps)
         model = models.build_model(params.model, input_shape, n_classes, params.seed)
         models.compile_model(model, optimizer)
         return cls(model, params, steps, optim.AppliedRate(optimizer, rate), resolve_engine(params))
@@ -296,7 +339,10 @@ class Loop:
         start = _EpochStart(self.rate, self.steps_per_epoch)
         end = _EpochEnd(start, history, self.params, on_epoch, self.engine)
         plateau = optim.plateau_callback(self.params)
-        everything = [start, *([plateau] if plateau else []), *callbacks, *([progress] if progress else []), end]
+        swap = [_EvaluationWeights(self)] if self.average and self.engine is None else []
+        everything = [
+            *swap, start, *([plateau] if plateau else []), *callbacks, *([progress] if progress else []), end
+        ]  # fmt: skip
         if self.engine is not None:
             self.engine.probe = to_device(val.x[:PROBE_IMAGES])
         first, epochs = len(history.epochs), self.params.train.epochs
@@ -337,10 +383,32 @@ class Loop:
                 break
         cbs.on_train_end()
 
+    def evaluation_weights(self) -> list[np.ndarray]:
+        """The trainable weights the model is evaluated and saved with, as arrays (the training
+        weights, or schedule-free AdamW's average of them)."""
+        values = [keras.ops.convert_to_numpy(v.value) for v in self.model.trainable_variables]
+        if self.average is None or self.finished:
+            return values
+        return self.average(values, [keras.ops.convert_to_numpy(v.value) for v in self.model.optimizer.variables])
+
+    def all_evaluation_weights(self) -> list[np.ndarray]:
+        """Every weight of the model (``model.weights`` order) as it would be saved now."""
+        trainable = dict(zip(map(id, self.model.trainable_variables), self.evaluation_weights(), strict=True))
+        return [trainable.get(id(v), keras.ops.convert_to_numpy(v.value)) for v in self.model.weights]
+
+    def finish(self, keep_best: KeepBest | None = None) -> None:
+        """After training: put the weights to save in the model (keep_best's best epoch, or the
+        evaluation weights of the last); the optimizer's state no longer matches them."""
+        weights = keep_best.best if keep_best is not None and keep_best.best is not None else None
+        weights = weights if weights is not None else self.all_evaluation_weights()
+        for var, value in zip(self.model.weights, weights, strict=True):
+            var.assign(value)
+        self.finished = True
+
     def measure(self, split: Split) -> dict[str, float]:
-        """Loss and accuracy of the current weights in inference mode (dropout off, BN frozen)."""
+        """Loss and accuracy of the weights to save, in inference mode (dropout off, BN frozen)."""
         if self.engine is None:
             loss, accuracy = self.model.evaluate(split.x, split.y, batch_size=EVAL_ROWS, verbose=0)
             return {"loss": float(loss), "accuracy": float(accuracy)}
-        logs, _ = self.engine.infer(to_device(split.x), to_device(split.y))
+        logs, _ = self.engine.infer(to_device(split.x), to_device(split.y), as_they_are=self.finished)
         return logs

@@ -21,6 +21,7 @@ from optlab.errors import OptlabError  # noqa: E402
 from optlab.params import ModelParams  # noqa: E402
 
 INFERENCE_ROWS = 1024  # examples per inference batch: memory only, the results do not depend on it
+OUTPUT_LAYER = "output"  # the softmax layer's name (Muon leaves it to AdamW by this name)
 INITIALIZERS = {"he_normal": keras.initializers.HeNormal, "glorot_uniform": keras.initializers.GlorotUniform}
 
 
@@ -64,6 +65,7 @@ def _head(x, n_classes: int, p: ModelParams, seeds: _Seeds):
     return layers.Dense(
         n_classes,
         activation="softmax",
+        name=OUTPUT_LAYER,
         kernel_initializer=keras.initializers.GlorotUniform(seed=seeds()),
         kernel_regularizer=keras.regularizers.L2(p.l2) if p.l2 else None,
     )(x)

@@ -9,7 +9,7 @@ optimizer really applied (:class:`AppliedRate`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from optlab.backend import require_chosen
 
@@ -18,14 +18,25 @@ import keras  # noqa: E402  (after the backend check)
 import numpy as np  # noqa: E402
 from keras.optimizers import schedules  # noqa: E402
 
+from optlab.models import OUTPUT_LAYER  # noqa: E402
 from optlab.params import Params  # noqa: E402
 
+# Every Keras 3.15 optimizer that fits an image classifier. Left out: Ftrl (for sparse linear
+# models) and LossScaleOptimizer (a mixed-precision wrapper, not an optimizer of its own).
 OPTIMIZERS: dict[str, type[keras.optimizers.Optimizer]] = {
     "adam": keras.optimizers.Adam,
-    "sgd": keras.optimizers.SGD,
-    "rmsprop": keras.optimizers.RMSprop,
     "adamw": keras.optimizers.AdamW,
     "nadam": keras.optimizers.Nadam,
+    "adamax": keras.optimizers.Adamax,
+    "adagrad": keras.optimizers.Adagrad,
+    "adadelta": keras.optimizers.Adadelta,
+    "rmsprop": keras.optimizers.RMSprop,
+    "sgd": keras.optimizers.SGD,
+    "lion": keras.optimizers.Lion,
+    "lamb": keras.optimizers.Lamb,
+    "adafactor": keras.optimizers.Adafactor,
+    "muon": keras.optimizers.Muon,
+    "schedule_free_adamw": keras.optimizers.ScheduleFreeAdamW,
 }
 
 Rate = float | schedules.LearningRateSchedule
@@ -83,10 +94,48 @@ def build_schedule(params: Params, steps_per_epoch: int) -> Rate:
     return SCHEDULES[params.schedule.name](lr, params.schedule, steps_per_epoch, params.train.epochs)
 
 
-def build_optimizer(params: Params, learning_rate: Rate) -> keras.optimizers.Optimizer:
-    """The optimizer ``params.optimizer`` names, with its knobs and ``learning_rate``."""
+def build_optimizer(params: Params, learning_rate: Rate, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer ``params.optimizer`` names, with its knobs, ``learning_rate`` and the
+    gradient clipping of ``train.clip_*``."""
     knobs = params.optimizer.model_dump(exclude={"name", "learning_rate"})
-    return OPTIMIZERS[params.optimizer.name](learning_rate=learning_rate, **knobs)
+    if knobs.get("weight_decay") == 0:
+        knobs["weight_decay"] = None  # the same update, without Keras's decay step
+    if params.optimizer.name == "muon":
+        # Keras's docs: the output layer should be stepped by AdamW, not Muon.
+        knobs["exclude_layers"] = [OUTPUT_LAYER]
+    if params.optimizer.name == "schedule_free_adamw":
+        knobs["warmup_steps"] = round(knobs.pop("warmup_epochs") * steps_per_epoch)
+    clip = params.train
+    return OPTIMIZERS[params.optimizer.name](
+        learning_rate=learning_rate,
+        global_clipnorm=clip.clip_global_norm or None,
+        clipvalue=clip.clip_value or None,
+        **knobs,
+    )
+
+
+def evaluation_weights(model: keras.Model) -> Callable[[Sequence, Sequence], list] | None:
+    """How to get the weights ``model`` is evaluated, early-stopped and saved at from the weights it
+    trains at and its optimizer's variables (arrays, in ``model.trainable_variables`` and
+    ``optimizer.variables`` order), or None where the two are the same: every optimizer but
+    schedule-free AdamW. That one trains at y = (1 - beta_1) z + beta_1 x and evaluates at the
+    average x = (y - (1 - beta_1) z) / beta_1 (Defazio et al. 2024; Keras's ScheduleFreeAdamW
+    recovers x the same way in its update step, and leaves the swap to the user)."""
+    optimizer = model.optimizer
+    if not isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW):
+        return None
+    optimizer.build(model.trainable_variables)  # creates z (a no-op when built)
+    index = {id(v): i for i, v in enumerate(optimizer.variables)}
+    # Private Keras attribute, checked against Keras 3.15: ScheduleFreeAdamW keeps z, where its
+    # gradient steps land, in `_momentums`, one per trainable variable in order (built by build()).
+    # tests/test_optimizers.py::test_schedule_free_keeps_z_where_optlab_reads_it fails if that changes.
+    slots = [index[id(z)] for z in optimizer._momentums]
+    beta = float(optimizer.beta_1)
+
+    def average(trainable: Sequence, optimizer_values: Sequence) -> list:
+        return [(y - (1 - beta) * optimizer_values[i]) / beta for y, i in zip(trainable, slots, strict=True)]
+
+    return average
 
 
 class AppliedRate:

@@ -110,9 +110,67 @@ class NadamParams(Optimizer):
     beta_2: Fraction
 
 
+class AdamaxParams(Optimizer):
+    name: Literal["adamax"]
+    beta_1: Fraction
+    beta_2: Fraction
+
+
+class AdagradParams(Optimizer):
+    name: Literal["adagrad"]
+    initial_accumulator_value: Annotated[float, Field(ge=0)]
+
+
+class AdadeltaParams(Optimizer):
+    name: Literal["adadelta"]
+    rho: Fraction
+
+
+class LionParams(Optimizer):
+    name: Literal["lion"]
+    beta_1: Fraction
+    beta_2: Fraction
+    weight_decay: Annotated[float, Field(ge=0)]
+
+
+class LambParams(Optimizer):
+    name: Literal["lamb"]
+    beta_1: Fraction
+    beta_2: Fraction
+
+
+class AdafactorParams(Optimizer):
+    name: Literal["adafactor"]
+    beta_2_decay: Annotated[float, Field(lt=0)]  # the second-moment decay is 1 - step^beta_2_decay
+    epsilon_1: Annotated[float, Field(gt=0)]  # the floor added to squared gradients
+    clip_threshold: Annotated[float, Field(gt=0)]
+    relative_step: bool
+
+
+class MuonParams(Optimizer):
+    name: Literal["muon"]
+    momentum: Fraction
+    nesterov: bool
+    ns_steps: Annotated[int, Field(ge=1, le=20)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    adam_beta_1: Fraction  # the AdamW that steps what is not a 2-D hidden weight matrix
+    adam_beta_2: Fraction
+    adam_weight_decay: Annotated[float, Field(ge=0)]
+
+
+class ScheduleFreeAdamWParams(Optimizer):
+    name: Literal["schedule_free_adamw"]
+    beta_1: Fraction
+    beta_2: Fraction
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_epochs: Annotated[float, Field(ge=0)]  # its own linear warm-up, in epochs (Keras: warmup_steps)
+
+
 AnyOptimizer = Annotated[
-    AdamParams | SGDParams | RMSpropParams | AdamWParams | NadamParams, Field(discriminator="name")
-]
+    AdamParams | AdamWParams | NadamParams | AdamaxParams | AdagradParams | AdadeltaParams | RMSpropParams
+    | SGDParams | LionParams | LambParams | AdafactorParams | MuonParams | ScheduleFreeAdamWParams,
+    Field(discriminator="name"),
+]  # fmt: skip
 
 
 class ConstantParams(Choice):
@@ -188,6 +246,11 @@ class TrainParams(Section):
     on_divergence: Literal["record", "fail"]
     # Per-layer gradient norms, update/weight ratios and dead ReLU units each epoch (compiled loop).
     diagnostics: bool
+    # Gradient clipping, whatever the optimizer (0: off): Keras's global_clipnorm (the L2 norm of
+    # all gradients together) and clipvalue (each gradient entry into [-v, v]), applied inside
+    # the optimizer's step, so both loops clip alike.
+    clip_global_norm: Annotated[float, Field(ge=0)]
+    clip_value: Annotated[float, Field(ge=0)]
 
     @model_validator(mode="after")
     def _loop_needs_jax(self) -> TrainParams:
@@ -222,6 +285,16 @@ class Params(Section):
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _choice(v, DATASET_NAMES, "dataset")
+
+    @model_validator(mode="after")
+    def _schedule_free_has_no_schedule(self) -> Params:
+        if self.optimizer.name == "schedule_free_adamw" and self.schedule.name != "constant":
+            raise ValueError(
+                f"schedule: optimizer schedule_free_adamw replaces the learning-rate schedule (its averaged "
+                f"weights do what a decay would: Defazio et al. 2024), so it takes schedule=constant, not "
+                f"{self.schedule.name}; warm it up with -S optimizer.warmup_epochs=<epochs>"
+            )
+        return self
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str) -> str:

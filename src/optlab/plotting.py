@@ -287,6 +287,29 @@ class Figures:
         return list(figures)
 
 
+# --- the learning-rate range test (optlab lr-find) ---------------------------------------------
+def lr_range_test(
+    rates: Sequence[float], smoothed: Sequence[float], suggestions: Mapping[str, float], optimizer: str, path: Path
+) -> None:
+    """The smoothed training loss against the learning rate (log axis), the suggestions marked."""
+    fig = _figure(7, 4.2)
+    ax = fig.subplots()
+    ax.plot(rates, smoothed, color=TRAIN_COLOR, label="training loss (smoothed)")
+    styles = {"min_over_10": ("tab:green", "a tenth of the minimum's rate"), "steepest": ("tab:red", "steepest fall")}
+    for name, rate in suggestions.items():
+        color, what = styles.get(name, ("0.4", name))
+        ax.axvline(rate, color=color, linestyle="--", linewidth=1, label=f"{what}: {rate:.2g}")
+    ax.set_xscale("log")
+    low, high = np.nanmin(smoothed), np.nanmax(smoothed)
+    ax.set_ylim(low - 0.05 * (high - low), min(high, 4 * low) + 0.05 * (high - low))
+    ax.set_xlabel("learning rate (grown exponentially, one step each)")
+    ax.set_ylabel("training loss (cross-entropy, nats)")
+    ax.set_title(f"Learning-rate range test: {optimizer}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 # --- a comparison of variants (optlab compare) -----------------------------------------------
 def _interval(s: Summary) -> list[list[float]] | None:
     """Matplotlib's asymmetric error bar for a mean's confidence interval (None for one seed)."""

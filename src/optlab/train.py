@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 from optlab.backend import require_chosen
@@ -26,7 +25,7 @@ import numpy as np  # noqa: E402
 from optlab import artifacts  # noqa: E402
 from optlab.backend import Engine  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
-from optlab.loop import History, Loop, Progress  # noqa: E402
+from optlab.loop import History, KeepBest, Loop, Progress  # noqa: E402
 from optlab.models import trainable_params  # noqa: E402
 from optlab.optim import mode  # noqa: E402
 from optlab.outputs import atomic_file, remove_outputs, temporaries  # noqa: E402
@@ -67,9 +66,9 @@ class Backup:
 
     Every variable is saved: weights, batch-norm statistics, the dropout layers' RNG state
     (which ``get_weights()`` and ``.keras`` files leave out) and the optimizer's moments, step
-    count and current rate, so a resumed run follows exactly the path of an uninterrupted one.
-    One file, because replacing a file is atomic: a kill at any moment leaves either the
-    previous epoch's backup or this one, never neither.
+    count and current rate, and keep_best's best weights so far, so a resumed run follows exactly
+    the path of an uninterrupted one. One file, because replacing a file is atomic: a kill at any
+    moment leaves either the previous epoch's backup or this one, never neither.
     """
 
     def __init__(self, root: Path, key: str) -> None:
@@ -81,23 +80,29 @@ class Backup:
         model.optimizer.build(model.trainable_variables)
         return [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
 
-    def save(self, model: keras.Model, history: History) -> None:
+    def save(self, model: keras.Model, history: History, keep_best: KeepBest | None = None) -> None:
         values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
-        state = json.dumps({"epochs": history.epochs, "seconds": history.seconds, "diagnostics": history.diagnostics})
+        best = keep_best.best if keep_best is not None and keep_best.best is not None else []
+        values |= {f"b{i}": w for i, w in enumerate(best)}
+        state = {"epochs": history.epochs, "seconds": history.seconds, "diagnostics": history.diagnostics}
+        state["best_value"] = keep_best.best_value if keep_best is not None else None
         with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, history=np.array(state), **values)
+            np.savez(f, history=np.array(json.dumps(state)), **values)
 
-    def load(self, model: keras.Model) -> History | None:
+    def load(self, model: keras.Model, keep_best: KeepBest | None = None) -> History | None:
         remove_outputs(*temporaries(self.path))  # a save cut short by a kill; the last whole one stays
         if not self.path.is_file():
             return None
         variables = self._variables(model)
         with np.load(self.path) as saved:
-            if len(saved.files) != len(variables) + 1:
+            n_best = sum(f.startswith("b") for f in saved.files)
+            if sum(f.startswith("v") for f in saved.files) != len(variables) or n_best not in (0, len(model.weights)):
                 return None  # another architecture under the same key: start afresh
             for i, var in enumerate(variables):
                 var.assign(saved[f"v{i}"])
             state = json.loads(str(saved["history"]))
+            if keep_best is not None and n_best:
+                keep_best.best_value, keep_best.best = state["best_value"], [saved[f"b{i}"] for i in range(n_best)]
         return History(epochs=state["epochs"], seconds=state["seconds"], diagnostics=state.get("diagnostics", []))
 
     def clear(self) -> None:
@@ -107,7 +112,7 @@ class Backup:
 
 
 # --- the stage ------------------------------------------------------------------------------
-def _callbacks(params: Params, scratch: Path, logs_dir: Path) -> tuple[list[keras.callbacks.Callback], Path | None]:
+def _callbacks(params: Params, loop: Loop, logs_dir: Path) -> tuple[list[keras.callbacks.Callback], KeepBest | None]:
     callbacks: list[keras.callbacks.Callback] = []
     t = params.train
     if t.early_stopping:
@@ -115,19 +120,13 @@ def _callbacks(params: Params, scratch: Path, logs_dir: Path) -> tuple[list[kera
         callbacks.append(
             keras.callbacks.EarlyStopping(monitor=t.monitor, mode=mode(t.monitor), patience=t.early_stopping)
         )
-    best_path = None
-    if t.keep_best:
-        best_path = scratch / "best.weights.h5"
-        callbacks.append(
-            keras.callbacks.ModelCheckpoint(
-                best_path, monitor=t.monitor, mode=mode(t.monitor), save_best_only=True, save_weights_only=True
-            )
-        )
+    keep_best = KeepBest(t.monitor, loop.all_evaluation_weights) if t.keep_best else None
+    callbacks += [keep_best] if keep_best else []
     if t.tensorboard:
         # TensorBoard logs sit outside DVC's outputs; compare runs with `tensorboard --logdir logs`.
         name = os.environ.get("DVC_EXP_NAME") or f"{params.optimizer.name}-{params.schedule.name}-seed{params.seed}"
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / name)))
-    return callbacks, best_path
+    return callbacks, keep_best
 
 
 def best_epoch(history: History, params: Params) -> int:
@@ -153,6 +152,7 @@ def _keep_last_finite_weights(loop: Loop, backup: Backup, meta: artifacts.Prepar
         return f"the weights after epoch {len(restored.epochs)}, the last finite one"
     fresh = Loop.build(loop.params, meta.input_shape, len(meta.classes), n_train)  # same seed: same initial weights
     loop.model.set_weights(fresh.model.get_weights())
+    loop.finished = True  # the optimizer's state is the diverged one: these weights are saved as they are
     return "the initial weights (the first epoch already diverged)"
 
 
@@ -198,7 +198,8 @@ def run(
     model = loop.model
     fingerprint = artifacts.fingerprint(data_dir)
     backup = Backup(Path(backup_dir), backup_key(params, fingerprint))
-    resumed = backup.load(model)
+    callbacks, keep_best = _callbacks(params, loop, Path(logs_dir))
+    resumed = backup.load(model, keep_best)
     # Counted now: fit() appends this run's epochs to the very History object it resumes.
     epochs_before = len(resumed.epochs) if resumed is not None else 0
     if resumed is not None:
@@ -218,16 +219,14 @@ def run(
 
         def on_epoch(epoch: int, logs: dict, history: History) -> None:
             if not history.diverged:  # a resume never starts from a diverged state
-                backup.save(model, history)
+                backup.save(model, history, keep_best)
             log.log_epoch(logs, history.diagnostics[-1] if history.diagnostics else None)
 
-        with tempfile.TemporaryDirectory() as scratch:
-            callbacks, best_path = _callbacks(params, Path(scratch), Path(logs_dir))
-            shown = Progress(params.train.epochs) if progress else None
-            history = loop.fit(train_split, val_split, callbacks, history=resumed, on_epoch=on_epoch, progress=shown)
-            if best_path is not None and best_path.exists():
-                model.load_weights(best_path)
+        shown = Progress(params.train.epochs) if progress else None
+        history = loop.fit(train_split, val_split, callbacks, history=resumed, on_epoch=on_epoch, progress=shown)
         kept = _keep_last_finite_weights(loop, backup, meta, len(train_split.y)) if history.diverged else ""
+        # The weights to save: keep_best's best epoch, or the last one's evaluation weights.
+        loop.finish(keep_best)
 
         # Report 003's warning: the running accuracy above averages over changing weights and
         # dropout. Measure the final weights in inference mode too.
