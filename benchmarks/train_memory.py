@@ -71,7 +71,8 @@ def measure(n: int = 50_000, epochs: int = 1) -> dict:
         for name, rows in (("fixed", max(n // 100, 100)), ("full", n)):
             data_bytes = synthetic(work / name, rows)
             cmd = [sys.executable, str(REPO / "stages/train.py"), "--data", name, "--model", f"{name}.keras",
-                   "--live", f"live-{name}", "--backup", "backup", "--tensorboard-logs", "logs"]  # fmt: skip
+                   "--replicas", f"replicas-{name}", "--live", f"live-{name}", "--backup", "backup",
+                   "--tensorboard-logs", "logs"]  # fmt: skip
             peaks[name] = child_peak_mb(cmd, work)
     data_mb, peak, fixed = data_bytes / 2**20, peaks["full"], peaks["fixed"]
     return {

@@ -14,21 +14,22 @@ from optlab.params import load_params
 def main(argv=None) -> None:
     p = stage.parser(__doc__)
     p.add_argument("--data", type=Path, required=True, help="prepared data directory (input)")
-    p.add_argument("--model", type=Path, required=True, help="trained Keras model (input)")
+    p.add_argument("--models", type=Path, required=True, help="the replicas' trained Keras models (input)")
     p.add_argument("--live", type=Path, required=True, help="the train stage's dvclive directory (input)")
     p.add_argument("--metrics", type=Path, required=True, help="test metrics JSON (output)")
+    p.add_argument("--replicas", type=Path, required=True, help="each replica's test metrics, CSV (output)")
     p.add_argument("--per-class", type=Path, required=True, help="precision, recall, F1 per class, CSV (output)")
     p.add_argument("--confusion", type=Path, required=True, help="actual,predicted CSV (output)")
     p.add_argument("--predictions", type=Path, required=True, help="test probabilities .npy (output)")
     args = p.parse_args(argv)
 
-    remove_outputs(args.metrics, args.per_class, args.confusion, args.predictions)
+    remove_outputs(args.metrics, args.replicas, args.per_class, args.confusion, args.predictions)
     params = load_params(args.params)
     configure(engine_for(params).backend)  # before anything imports Keras
     from optlab import artifacts, evaluation
 
-    result = evaluation.evaluate_model(params, args.data, args.model, args.live)
-    artifacts.save_evaluation(result, args.metrics, args.per_class, args.confusion, args.predictions)
+    result = evaluation.evaluate_model(params, args.data, args.models, args.live)
+    artifacts.save_evaluation(result, args.metrics, args.replicas, args.per_class, args.confusion, args.predictions)
     print(evaluation.describe(result, params.evaluate.top_k))
 
 

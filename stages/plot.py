@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     y_test, classes = prepared.splits["test"].y, prepared.meta.classes
     figures = plotting.Figures(
         history=artifacts.read_history(args.history),
+        replicas=artifacts.read_replica_histories(args.history),
         diagnostics=artifacts.read_diagnostics(args.history),
         per_class=artifacts.load_per_class(args.per_class, classes),
         y_test=y_test,

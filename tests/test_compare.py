@@ -279,12 +279,13 @@ def test_groups_differing_beyond_studied_params_are_refused(other, reason):
 
 def test_build_comparison_ranks_and_tests_against_baseline():
     base = Group([run(s, 0.80 + s / 100) for s in range(3)])
-    better = Group([run(s, 0.90 + s / 100, optimizer="sgd") for s in range(3)])
+    # Seed by seed 0.100, 0.102, 0.098 above the baseline: a paired test (both ran seeds 0-2).
+    better = Group([run(s, v, optimizer="sgd") for s, v in enumerate((0.90, 0.912, 0.918))])
     few = Group([run(s, 0.85, optimizer="nadam") for s in range(2)])
     cmp = compare.build_comparison([base, better, few], base)
     assert cmp.ranked == [better, few, base]
     d, p_holm = cmp.differences[id(better)]
-    assert d.diff == pytest.approx(0.10) and p_holm == pytest.approx(d.p_value)  # only one test made
+    assert d.test == "paired" and d.diff == pytest.approx(0.10) and p_holm == pytest.approx(d.p_value)  # one test
     assert not cmp.differences[id(few)][0].tested
 
 

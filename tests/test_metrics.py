@@ -117,7 +117,8 @@ def test_labels_out_of_range_are_refused():
 
 # --- the evaluate stage, end to end ----------------------------------------------------------
 N_FEATURES = 6
-OUTPUTS = ("metrics/test.json", "metrics/per_class.csv", "metrics/confusion.csv", "data/predictions.npy")
+OUTPUTS = ("metrics/test.json", "metrics/replicas.csv", "metrics/per_class.csv", "metrics/confusion.csv",
+           "data/predictions.npy")  # fmt: skip
 TRAIN_ACCURACY = 0.75  # what the train stage measured on the training split (its summary metrics)
 
 
@@ -141,9 +142,10 @@ def _write_prepared(root: Path, n_features: int) -> dict[str, tuple[np.ndarray, 
                         flatten=True, val_fraction=0.25, split_seed=0)  # fmt: skip
     (root / "data/prepared").mkdir(parents=True)
     save_prepared(PreparedData(splits, meta), root / "data/prepared")
-    # The train stage's summary, which the evaluate stage reads for the generalization gap.
+    # The train stage's replica figures, which the evaluate stage reads for the generalization gap.
     (root / "metrics/train").mkdir(parents=True)
-    (root / "metrics/train/metrics.json").write_text(json.dumps({"train_accuracy": TRAIN_ACCURACY}))
+    replica = {"replica": 0, "seed": 0, "train_accuracy": TRAIN_ACCURACY, "diverged": 0}
+    (root / "metrics/train/replicas.json").write_text(json.dumps([replica]))
     return {name: (split.x, split.y) for name, split in splits.items()}
 
 
@@ -151,8 +153,8 @@ def _write_model(root: Path, n_inputs: int):
     keras = _keras()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((n_inputs,)), keras.layers.Dense(len(CLASSES), activation="softmax")])
-    (root / "models").mkdir()
-    model.save(root / "models" / "model.keras")
+    (root / "models/replicas").mkdir(parents=True)
+    model.save(root / "models/replicas/0.keras")
     return model
 
 

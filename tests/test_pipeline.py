@@ -471,6 +471,63 @@ def test_dvc_exp_show_follows_a_running_queued_experiment(project):
         assert len(set(steps)) >= 3 and steps == sorted(steps), f"the running experiment's steps: {steps}"
 
 
+# --- 5e. seeds inside one experiment --------------------------------------------------------
+def test_replicas_give_every_row_its_noise_and_compare_pairs_their_seeds(project, tmp_path):
+    from optlab import cli
+
+    with project.scratch():
+        names = {}
+        for variant in ((), ("-S", "optimizer=sgd")):
+            out = project.dvc("exp", "run", "-S", "train.replicas=3", *variant)
+            assert "(mean of 3 replicas)" in out, out
+            names[variant] = ran_experiment(out)
+        state = project.experiments()[names[()]]["state"]
+        test = metrics_of(state)  # dvc exp show: the mean and its interval, for one experiment
+        assert test["replicas"] == 3 and test["accuracy_ci_low"] < test["accuracy"] < test["accuracy_ci_high"]
+        _assert_the_workspace_holds_three_replicas(project.root)
+        out = tmp_path / "replicas.md"
+        assert cli.main(["compare", "--repo", str(project.root), "--baseline", names[()], "--out", str(out)]) == 0
+        report = out.read_text()
+        ranking = {r[1]: r[2] for r in _report_rows(report, "Ranking by test accuracy")}
+        assert ranking["optimizer=sgd"] == "3", ranking  # three replicas are three seeds of the variant
+        against = {r[0]: r for r in _report_rows(report, "Against the baseline")}
+        assert against["optimizer=sgd"][3] == "paired", against  # both ran seeds 0, 1, 2
+        if against["optimizer=sgd"][-1] == "within seed noise":
+            assert against["optimizer=sgd"][-2].startswith("≈") or "more than" in against["optimizer=sgd"][-2]
+
+
+def _assert_the_workspace_holds_three_replicas(root: Path) -> None:
+    """What the last `dvc exp run -S train.replicas=3` left: every replica, and their means."""
+    import numpy as np
+    import pandas as pd
+
+    from optlab import artifacts, stats
+
+    live = root / "metrics/train"
+    summary, each = json.loads((live / "metrics.json").read_text()), json.loads((live / "replicas.json").read_text())
+    assert [e["seed"] for e in each] == [0, 1, 2] and summary["replicas"] == 3
+    assert summary["val_accuracy"] == pytest.approx(np.mean([e["val_accuracy"] for e in each]))
+    assert sorted(p.name for p in (root / "models/replicas").iterdir()) == ["0.keras", "1.keras", "2.keras"]
+    assert (root / "models/model.keras").read_bytes() == (root / "models/replicas/0.keras").read_bytes()
+    curves = artifacts.read_replica_histories(live)
+    assert len(curves) == 3  # the curve DVC plots is their mean
+    mean = np.mean([c["val_accuracy"] for c in curves], axis=0)
+    np.testing.assert_allclose(artifacts.read_history(live)["val_accuracy"], mean)
+    test, table = json.loads((root / "metrics/test.json").read_text()), pd.read_csv(root / "metrics/replicas.csv")
+    assert list(table["seed"]) == [0, 1, 2]  # the evaluate stage evaluated every replica
+    spread = stats.describe(table["accuracy"])
+    assert test["accuracy"] == pytest.approx(spread.mean) and test["replicas"] == 3
+    assert (test["accuracy_sd"], test["accuracy_ci_low"], test["accuracy_ci_high"]) == pytest.approx(
+        (spread.std, spread.ci_low, spread.ci_high)
+    )
+
+
+def _report_rows(report: str, section: str) -> list[list[str]]:
+    body = report.split(f"## {section}")[1].split("\n## ")[0]
+    lines = [line for line in body.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
 # --- 6. bad params stop before any work -----------------------------------------------------
 def test_bad_params_fail_fast_naming_the_key_and_leave_no_experiment(project):
     before = project.exp_names()

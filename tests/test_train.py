@@ -200,8 +200,8 @@ def test_compiled_evaluation_matches_keras(n):
 
 
 def train_args(data: Path, tag: str = "") -> list[str]:
-    return ["--data", str(data), "--model", f"models{tag}/model.keras", "--live", f"live{tag}",
-            "--backup", ".optlab/backup", "--tensorboard-logs", "logs"]  # fmt: skip
+    return ["--data", str(data), "--model", f"models{tag}/model.keras", "--replicas", f"models{tag}/replicas",
+            "--live", f"live{tag}", "--backup", ".optlab/backup", "--tensorboard-logs", "logs"]  # fmt: skip
 
 
 # The two ways optlab trains: its default (JAX, compiled loop) and Keras's own fit on TensorFlow.
@@ -306,7 +306,7 @@ def backed_up_epochs(root: Path) -> int:
         return 0
     try:
         with np.load(done[0]) as saved:
-            return len(json.loads(str(saved["history"]))["epochs"])
+            return len(json.loads(str(saved["history"]))[0]["epochs"])  # replica 0's
     except (FileNotFoundError, ValueError, OSError):  # replaced or removed while we looked
         return 0
 
@@ -365,7 +365,7 @@ def test_a_diverged_run_is_recorded_as_a_result(tmp_path, engine):
     rows = (tmp_path / "live/plots/metrics/train/loss.tsv").read_text().splitlines()
     assert len(rows) == 2 and float(rows[1].split("\t")[1]) > 3 * np.log(10)  # the exploded epoch is in the curve
     info = json.loads((tmp_path / "live/run.json").read_text())
-    assert info["status"] == "complete" and info["diverged"].startswith("training diverged at epoch 1")
+    assert info["status"] == "complete" and info["diverged"]["0"].startswith("training diverged at epoch 1")
     model = keras.saving.load_model(tmp_path / "models/model.keras")
     assert all(np.isfinite(w).all() for w in model.get_weights())  # the last finite weights
     assert not (tmp_path / ".optlab/backup").exists()

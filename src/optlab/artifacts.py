@@ -245,6 +245,8 @@ def fingerprint(data_dir: str | Path) -> dict[str, str]:
 # --- a training run: the model file and the dvclive directory ---------------------------------
 SUMMARY = "metrics.json"  # dvclive's summary: the last epoch's values and the run's figures
 RUN_INFO = "run.json"  # what produced the model: params, versions, data hashes, timings
+REPLICAS = "replicas.json"  # each replica's own figures (seed, epochs, accuracies, divergence)
+REPLICA_HISTORY = "replicas"  # under HISTORY_DIR: replicas/r<k>/<metric>.tsv, with 2 replicas or more
 HISTORY_DIR = "plots/metrics"  # dvclive's per-epoch TSVs, one per metric
 # The per-epoch history: name in the logs -> dvclive metric name (its TSV under HISTORY_DIR).
 HISTORY = {
@@ -281,33 +283,73 @@ class TrainLog:
     RUN_INFO (``"complete"``); :meth:`abandon` removes everything when the run fails.
     """
 
-    def __init__(self, live_dir: str | Path, info: Mapping[str, Any]) -> None:
+    def __init__(self, live_dir: str | Path, info: Mapping[str, Any], replicas: int = 1) -> None:
         from dvclive import Live
 
-        self.dir = Path(live_dir)
+        self.dir, self.replicas = Path(live_dir), replicas
         remove_outputs(self.dir)
         self.live = Live(dir=str(self.dir), save_dvc_exp=False, dvcyaml=None, report=None)
         self.live.step = 1  # the first epoch (dvclive's documented setter; it would start at 0)
+        self.logged = 0  # epochs whose (mean) row is written
         self._info(info, "running")
 
     def _info(self, info: Mapping[str, Any], status: str) -> None:
         write_json(self.dir / RUN_INFO, {**info, "status": status})
 
     def log_epoch(self, logs: Mapping[str, float], diagnostics: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """The next epoch's row of the history (with replicas, their mean), and dvclive's summary."""
+        self.logged += 1
+        self.live.step = self.logged
+        self._log(logs, diagnostics, "")
+        for key in (DIAGNOSTICS, REPLICA_HISTORY):
+            self.live.summary.pop(key, None)  # documented: Live.summary "can be modified manually"
+        self.live.next_step()
+
+    def _log(self, logs: Mapping[str, float], diagnostics: Mapping[str, Mapping[str, Any]] | None, prefix: str):
         for key, name in HISTORY.items():
-            self.live.log_metric(name, logs[key])
+            self.live.log_metric(f"{prefix}{name}", logs[key])
         for layer, values in (diagnostics or {}).items():
             for kind, value in values.items():
                 if value is not None:
-                    self.live.log_metric(f"{DIAGNOSTICS}/{kind}/{layer}", value)
-        self.live.summary.pop(DIAGNOSTICS, None)  # documented: Live.summary "can be modified manually"
-        self.live.next_step()
+                    self.live.log_metric(f"{prefix}{DIAGNOSTICS}/{kind}/{layer}", value)
 
-    def finish(self, summary: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+    def log_replica(self, r: int, epoch: int, logs: Mapping[str, float], diagnostics=None) -> None:
+        """Replica ``r``'s row for ``epoch`` (from 1), under replicas/r<r>/ (nothing for one replica)."""
+        if self.replicas < 2:
+            return
+        self.live.step = epoch
+        self._log(logs, diagnostics, f"{REPLICA_HISTORY}/r{r}/")
+        self.live.step = self.logged + 1
+
+    def log_means(self, histories: Sequence[Any], final: bool = False) -> None:
+        """The mean rows of every epoch that each replica has run or will never run (it stopped
+        before); ``final``: every epoch any replica ran. One replica: its own rows."""
+        while True:
+            e = self.logged + 1
+            ran = [h for h in histories if len(h.epochs) >= e]
+            waiting = [h for h in histories if len(h.epochs) < e and not h.stopped]
+            if not ran or (waiting and not final):
+                return
+            logs = {k: float(np.mean([h.epochs[e - 1][k] for h in ran])) for k in HISTORY}
+            diagnosed = [h.diagnostics[e - 1] for h in ran if len(h.diagnostics) >= e]
+            mean = None
+            if diagnosed:
+                mean = {
+                    layer: {
+                        kind: (None if any(d[layer][kind] is None for d in diagnosed)
+                               else float(np.mean([d[layer][kind] for d in diagnosed])))
+                        for kind in diagnosed[0][layer]
+                    }
+                    for layer in diagnosed[0]
+                }  # fmt: skip
+            self.log_epoch(logs, mean)
+
+    def finish(self, summary: Mapping[str, Any], info: Mapping[str, Any], replicas: Sequence[Mapping]) -> None:
         self.live.end()
         # dvclive's Live.summary "can be modified manually", but make_summary always adds the
         # step: the final summary is written here, after dvclive's last write.
         write_json(self.dir / SUMMARY, dict(summary))
+        write_json(self.dir / REPLICAS, list(replicas))
         self._info(info, "complete")
 
     def abandon(self) -> None:
@@ -327,6 +369,30 @@ def read_diagnostics(live_dir: str | Path) -> dict[str, Any]:
             table = pd.DataFrame({f.stem: _read_series(f, f.stem) for f in files}).sort_index()
             table.index.name = "epoch"  # dvclive's step is the epoch, from 1
             found[kind] = table
+    return found
+
+
+def read_replicas(live_dir: str | Path) -> list[dict[str, Any]]:
+    """Each replica's own figures, as the train stage wrote them (one entry for one replica)."""
+    path = Path(live_dir) / REPLICAS
+    if not path.is_file():
+        raise OptlabError(f"{path} not found; run `dvc repro train`")
+    return json.loads(path.read_text())
+
+
+def read_replica_histories(live_dir: str | Path) -> list[Any]:
+    """Each replica's per-epoch history (a DataFrame like :func:`read_history`'s); empty for one
+    replica, whose history is the run's."""
+    import pandas as pd
+
+    root = Path(live_dir) / HISTORY_DIR / REPLICA_HISTORY
+    found = []
+    for r in range(len(list(root.glob("r*"))) if root.is_dir() else 0):
+        base = root / f"r{r}"
+        series = {key: _read_series(base / f"{name}.tsv", Path(name).name) for key, name in HISTORY.items()}
+        table = pd.DataFrame(series).sort_index()
+        table.index.name = "epoch"
+        found.append(table)
     return found
 
 
@@ -396,6 +462,15 @@ def save_model(model: Any, path: str | Path) -> None:
                 dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
 
 
+def replica_models(models_dir: str | Path, n: int) -> list[Path]:
+    """The train stage's replica models, 0.keras ... (n-1).keras, checked to be all there."""
+    paths = [Path(models_dir) / f"{r}.keras" for r in range(n)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise OptlabError(f"{models_dir}: missing {', '.join(missing)} of {n} replicas; run `dvc repro train`")
+    return paths
+
+
 def load_model(path: str | Path, meta: PreparedMeta) -> Any:
     """The trained model, checked to fit the prepared data described by ``meta``.
 
@@ -430,13 +505,21 @@ class Evaluation:
     per_class: dict[str, dict[str, float]]  # class name -> precision, recall, f1, support (a table)
     probabilities: np.ndarray  # float32 (N test images, classes)
     confusion_rows: dict[str, list[str]]  # one (actual, predicted) class-name pair per test image
+    replicas: list[dict[str, Any]]  # each replica's test metrics, with its replica number and seed
 
 
 def save_evaluation(
-    ev: Evaluation, metrics_path: Path, per_class_path: Path, confusion_path: Path, predictions_path: Path
+    ev: Evaluation,
+    metrics_path: Path,
+    replicas_path: Path,
+    per_class_path: Path,
+    confusion_path: Path,
+    predictions_path: Path,
 ) -> None:
     import pandas as pd
 
+    with atomic_file(replicas_path) as tmp:
+        pd.DataFrame(ev.replicas).to_csv(tmp, index=False)
     with atomic_file(predictions_path) as tmp, open(tmp, "wb") as f:
         np.save(f, ev.probabilities.astype(np.float32), allow_pickle=False)
     with atomic_file(confusion_path) as tmp:

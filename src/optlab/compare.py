@@ -32,6 +32,8 @@ from optlab.stats import (
     higher_is_better,
     holm,
     mean_curve,
+    paired,
+    seeds_needed,
     time_to_reach,
     verdict,
     welch,
@@ -104,6 +106,8 @@ class Comparison:
     times: dict[int, list[float | None]] = field(default_factory=dict)  # id(group) -> seconds per seed
     curves: dict[int, Any] = field(default_factory=dict)  # id(group) -> mean_curve() over its seeds
     metric: str = METRIC
+    # id(group) -> seeds per variant for an 80% chance to detect its observed difference (None: > 10,000)
+    needed: dict[int, int | None] = field(default_factory=dict)
 
     def time_summary(self, group: Group) -> Summary | None:
         """Seconds to reach the threshold, over the seeds that reached it (None if none did)."""
@@ -126,7 +130,7 @@ def build_comparison(
     comparable = [g for g in comparable if g not in missing]
     ranked = sorted(comparable, key=lambda g: g.summary(metric).mean, reverse=higher_is_better(metric))
     variants = [g for g in ranked if g is not baseline]
-    diffs = [welch(g.values(metric), baseline.values(metric)) for g in variants]
+    diffs = [difference(g, baseline, metric) for g in variants]
     adjusted = holm([d.p_value for d in diffs])
     result = Comparison(
         baseline,
@@ -136,6 +140,9 @@ def build_comparison(
         threshold_fraction,
         metric=metric,
     )
+    for g, d in zip(variants, diffs, strict=True):
+        if d.tested and d.p_value >= ALPHA:  # within noise: how many seeds would tell?
+            result.needed[id(g)] = seeds_needed(d.diff, _spread(g, baseline, metric, d), d.test == "paired")
 
     for g in ranked:
         curves = [r.val_curve for r in g.runs if r.val_curve]
@@ -151,6 +158,32 @@ def build_comparison(
                 if r.val_curve and r.seconds_per_epoch is not None
             ]
     return result
+
+
+def difference(variant: Group, baseline: Group, metric: str) -> Difference:
+    """``variant - baseline``, tested by the paired t-test when both ran the same seeds (the same
+    initial weights and batch orders, seed by seed), else by Welch's."""
+    vs, bs = variant.by_seed(metric), baseline.by_seed(metric)
+    if set(vs) == set(bs) and len(vs) >= MIN_SEEDS_FOR_TEST:
+        return paired(vs, bs)
+    return welch(variant.values(metric), baseline.values(metric))
+
+
+def _spread(variant: Group, baseline: Group, metric: str, d: Difference) -> float:
+    """The standard deviation the power statement assumes: of the seed-by-seed differences
+    (paired), or of one seed's result, pooled over both variants (Welch)."""
+    if d.test == "paired":
+        vs, bs = variant.by_seed(metric), baseline.by_seed(metric)
+        return describe([vs[s] - bs[s] for s in vs]).std
+    a, b = describe(variant.values(metric)), describe(baseline.values(metric))
+    return math.sqrt((a.std**2 + b.std**2) / 2)
+
+
+def _needed(cmp: Comparison, g: Group) -> str:
+    if id(g) not in cmp.needed:
+        return "–"
+    n = cmp.needed[id(g)]
+    return "more than 10,000" if n is None else f"≈ {n}"
 
 
 def _pm(s: Summary, digits: int = 4) -> str:
@@ -207,21 +240,29 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
                 continue
             d, p_holm = cmp.differences[id(g)]
             verdict_ = judged(g, base, d, p_holm, higher_is_better(cmp.metric))
-            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), _p(d.p_value), _p(p_holm), verdict_])
-        out += _table(["variant", f"Δ test {cmp.metric}", "95% CI of Δ", "p (Welch)", "p (Holm)", "verdict"], rows)
+            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), d.test, _p(d.p_value), _p(p_holm), _needed(cmp, g),
+                         verdict_])  # fmt: skip
+        header = ["variant", f"Δ test {cmp.metric}", "95% CI of Δ", "test", "p", "p (Holm)", "seeds to detect it",
+                  "verdict"]  # fmt: skip
+        out += _table(header, rows)
     else:
         out.append("No other comparable variant.")
     out += [
         "",
         f"Δ is the variant's mean test {cmp.metric} minus the baseline's "
-        f"({'higher' if higher_is_better(cmp.metric) else 'lower'} is better). The test is Welch's t-test "
-        f"(`scipy.stats.ttest_ind(equal_var=False)`): with a handful of seeds per variant nothing "
-        f"says two variants share a variance (an optimizer or learning rate often changes it), "
-        f"Welch does not assume they do, and it costs almost nothing when they do. With fewer than "
-        f"{MIN_SEEDS_FOR_TEST} seeds on either side no test is made and the verdict says "
-        f'"not enough seeds". A difference is called larger than seed noise when p < {ALPHA:.2f} '
+        f"({'higher' if higher_is_better(cmp.metric) else 'lower'} is better). Where a variant ran "
+        f"exactly the baseline's seeds (same initial weights and batch orders, seed by seed: replicas "
+        f"or a seed sweep) the test is the paired t-test on the seed-by-seed differences "
+        f"(`scipy.stats.ttest_rel`), which a seed's luck shared by both sides does not blur; "
+        f"otherwise Welch's t-test (`scipy.stats.ttest_ind(equal_var=False)`): with a handful of "
+        f"seeds nothing says two variants share a variance, and Welch does not assume they do. "
+        f"With fewer than {MIN_SEEDS_FOR_TEST} seeds on either side no test is made and the verdict "
+        f'says "not enough seeds". A difference is called larger than seed noise when p < {ALPHA:.2f} '
         f"(its 95% CI excludes 0); p (Holm) corrects for testing several variants against one "
-        f"baseline. Seed noise is all this measures: a different data split is not sampled.",
+        f"baseline. For a difference within seed noise, *seeds to detect it* is roughly how many "
+        f"seeds per variant the same test would need to call the observed difference real 80% of "
+        f"the time (if it were the true one, with the spread seen here). Seed noise is all this "
+        f"measures: a different data split is not sampled.",
     ]
 
     if cmp.times:
@@ -262,7 +303,13 @@ def render_markdown(cmp: Comparison, figures: dict[str, str], notes: Sequence[st
 
     out += ["", "<details><summary>Every run</summary>", ""]
     rows = [
-        [g.label, _fmt(r.seed), f"`{r.name}`", r.rev[:7], *(f"{r.metrics.get(m, math.nan):.4f}" for m in METRICS)]
+        [
+            g.label,
+            _fmt(r.seed),
+            f"`{r.name}`" + ("" if r.replica is None else f" (replica {r.replica})"),
+            r.rev[:7],
+            *(f"{r.metrics.get(m, math.nan):.4f}" for m in METRICS),
+        ]
         for g in cmp.ranked
         for r in g.runs
     ]

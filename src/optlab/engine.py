@@ -8,11 +8,17 @@ shuffled copy of the data is ever made.
 
 The engine only computes. Between epochs it writes the state back into the Keras objects; the
 epoch driver (``optlab.loop``) runs the callbacks, keeps the history and checks divergence.
+
+Given several Keras models of one architecture (``train.replicas``: the same variant with other
+seeds), it trains them all in one program: every compiled function above is ``jax.vmap``-ped
+over a leading replica axis of the state and of the batch order, so each replica keeps its own
+weights, optimizer state, dropout stream and batch order while XLA runs them as one batched
+computation. One model runs the unvectorized programs (the same numbers as before replicas).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from optlab.backend import require_chosen
@@ -89,20 +95,25 @@ class CompiledEngine:
 
     def __init__(
         self,
-        model: keras.Model,
+        model: keras.Model | Sequence[keras.Model],
         batch_size: int,
         eval_rows: int,
         diagnostics: bool = False,
         average: Callable[[list, list], list] | None = None,
     ) -> None:
-        """``eval_rows``: examples per inference chunk (memory only; results do not depend on it).
-        ``average``: how the weights to evaluate follow from the training weights and the
-        optimizer's variables (``optlab.optim.evaluation_weights``; None: they are the same)."""
+        """``model``: one compiled Keras model, or the replicas (a list: the results are then
+        per replica, in lists). ``eval_rows``: examples per inference chunk (memory only; results
+        do not depend on it). ``average``: how the weights to evaluate follow from the training
+        weights and the optimizer's variables (``optlab.optim.evaluation_weights``; None: the same)."""
         if keras.backend.backend() != "jax":
             raise OptlabError("train.loop 'compiled' needs train.backend: jax")
+        self.models = [model] if isinstance(model, keras.Model) else list(model)
+        self.vectorized = not isinstance(model, keras.Model)
+        model = self.models[0]
         self.model, self.batch_size, self.diagnostics = model, batch_size, diagnostics
         self.optimizer = model.optimizer
-        self.optimizer.build(model.trainable_variables)
+        for m in self.models:
+            m.optimizer.build(m.trainable_variables)
         loss_fn = keras.losses.SparseCategoricalCrossentropy()
         per_example = keras.losses.SparseCategoricalCrossentropy(reduction=None)
         # The weight layers, in order, and which trainable variables belong to each.
@@ -196,13 +207,20 @@ class CompiledEngine:
         def evaluation_weights(tv, ov):
             return average(tv, ov) if average is not None else tv
 
+        dead = self._dead_units_function() if diagnostics else None
+        if self.vectorized:  # the same functions over a leading replica axis (x, y: shared)
+            chunk = jax.vmap(chunk, in_axes=(0, None, None, 0))
+            indexed_step = jax.vmap(indexed_step, in_axes=(0, None, None, 0, None))
+            infer = jax.vmap(infer, in_axes=(0, 0, None, None))
+            evaluation_weights, norms = jax.vmap(evaluation_weights), jax.vmap(norms)
+            dead = jax.vmap(dead, in_axes=(0, 0, None)) if dead else None
         self._device = jax.devices()[0]
         self._evaluation_weights = jax.jit(evaluation_weights)
         self._chunk = jax.jit(chunk, donate_argnums=0)
         self._step = jax.jit(indexed_step, donate_argnums=0)  # one batch: the last, partial one, or a conv model's
         self._infer = jax.jit(infer)
         self._norms = jax.jit(norms)
-        self._dead = self._dead_units_program() if diagnostics else None
+        self._dead = jax.jit(dead) if dead else None
         self.probe: jax.Array | None = None  # the images dead units are counted on (set by the driver)
         self.last_epoch: dict[str, LayerDiagnostics] = {}  # label -> the last epoch's diagnostics
         # XLA:CPU (jaxlib 0.10) leaves the gradients of a convolution inside a loop (the scan) in a
@@ -213,9 +231,9 @@ class CompiledEngine:
         has_conv = any(isinstance(layer, keras.layers.Conv2D) for layer in model.layers)
         self.scans = not (has_conv and jax.default_backend() == "cpu")
 
-    def _dead_units_program(self):
-        """A compiled function: per weight layer followed by a ReLU, the fraction of its units
-        (channels, for a conv) that are 0 for every probe image; the output layer has none."""
+    def _dead_units_function(self):
+        """Per weight layer followed by a ReLU, the fraction of its units (channels, for a conv)
+        that are 0 for every probe image; the output layer has none. None without ReLUs."""
         model = self.model
         relus = [layer for layer in model.layers if isinstance(layer, keras.layers.Activation)
                  and getattr(layer.activation, "__name__", "") == "relu"]  # fmt: skip
@@ -233,36 +251,54 @@ class CompiledEngine:
             outs = outs if isinstance(outs, list | tuple) else [outs]  # a one-output model gives the tensor
             return [jnp.mean(jnp.all(a <= 0, axis=tuple(range(a.ndim - 1)))) for a in outs]
 
-        return jax.jit(dead)
+        return dead
 
     # Keras objects <-> the tuple of arrays the compiled functions carry.
-    def _state(self):
-        m, o = self.model, self.optimizer
-        state = (
+    @staticmethod
+    def _values(m: keras.Model) -> tuple[list, list, list]:
+        return (
             [v.value for v in m.trainable_variables],
             [v.value for v in m.non_trainable_variables],
-            [v.value for v in o.variables],
+            [v.value for v in m.optimizer.variables],
         )
+
+    def _state(self):
+        if self.vectorized:  # each array with a leading replica axis
+            state = jax.tree.map(lambda *a: jnp.stack(a), *(self._values(m) for m in self.models))
+        else:
+            state = self._values(self.model)
         # Keras creates its variables uncommitted; the compiled epoch returns them committed to
         # the device. Commit them up front so epoch 2 reuses epoch 1's program instead of
         # compiling a second one (jit's cache key includes placement).
         return jax.device_put(state, self._device)
 
-    def _store(self, state) -> None:
-        tv, ntv, ov = state
-        for variables, values in ((self.model.trainable_variables, tv), (self.model.non_trainable_variables, ntv),
-                                  (self.optimizer.variables, ov)):  # fmt: skip
-            for var, val in zip(variables, values, strict=True):
-                var.assign(val)
+    def _store(self, state, replicas: Sequence[int] | None = None) -> None:
+        """Write ``state`` into the Keras models (of ``replicas`` only, when given: a replica that
+        stopped keeps the state it stopped with)."""
+        for r in range(len(self.models)) if replicas is None else replicas:
+            m = self.models[r]
+            values = jax.tree.map(lambda a, r=r: a[r], state) if self.vectorized else state
+            for variables, vals in zip(
+                (m.trainable_variables, m.non_trainable_variables, m.optimizer.variables), values, strict=True
+            ):
+                for var, val in zip(variables, vals, strict=True):
+                    var.assign(val)
 
     def train_epoch(
-        self, x: jax.Array, y: jax.Array, order: np.ndarray, on_progress: Callable[[int, int], None] | None = None
-    ) -> dict[str, float]:
+        self,
+        x: jax.Array,
+        y: jax.Array,
+        order: np.ndarray,
+        on_progress: Callable[[int, int], None] | None = None,
+        replicas: Sequence[int] | None = None,
+    ) -> dict[str, float] | list[dict[str, float]]:
         """One pass over ``x[order]`` in batches; Keras's running loss and accuracy of the epoch.
 
+        With replicas, ``order`` holds one row per replica and the result is a list; ``replicas``
+        names those whose new state is kept (the others, stopped, keep theirs).
         ``on_progress(steps done, steps in the epoch)`` is called after each compiled call.
         """
-        n, bs = len(order), self.batch_size
+        n, bs = order.shape[-1], self.batch_size
         n_steps = -(-n // bs)
         # (first example, examples, one scan?) of each compiled call: the full batches in chunks of
         # scanned steps, then one call per remaining batch (all of them for a conv model on a CPU).
@@ -275,7 +311,7 @@ class CompiledEngine:
         start_norms = np.asarray(self._norms(state[0])) if self.diagnostics else None
         measured = 0  # steps whose gradients and updates the diagnostics measured
         for first, size, scanned in calls:
-            idx = jnp.asarray(order[first : first + size])
+            idx = jnp.asarray(order[..., first : first + size])
             if scanned:
                 state, out = self._chunk(state, x, y, idx)
                 measured += -(-(size // bs) // DIAGNOSED_EVERY) if self.diagnostics else 0
@@ -287,13 +323,15 @@ class CompiledEngine:
             done += -(-size // bs)
             if on_progress is not None:
                 on_progress(done, n_steps)
-        self._store(state)
+        self._store(state, replicas)
         loss_sum, correct, squares = totals
         if self.diagnostics:
             grad_rms, update_rms = (np.sqrt(np.asarray(total) / max(measured, 1)) for total in squares)
             self.last_epoch = self._summarize(state, grad_rms, update_rms / np.maximum(start_norms, 1e-12))
         # Averages over the epoch, weights changing as it goes, as fit reports them.
-        return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+        if not self.vectorized:
+            return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+        return [{"loss": float(s) / n, "accuracy": float(c) / n} for s, c in zip(loss_sum, correct, strict=True)]
 
     def batch_losses(self, x: jax.Array, y: jax.Array, batches: Iterable[np.ndarray]) -> Iterator[float]:
         """Train on each batch of indices in turn, yielding each step's mean training loss (before
@@ -307,19 +345,34 @@ class CompiledEngine:
         finally:
             self._store(state)
 
-    def _summarize(self, state, grad, ratio) -> dict[str, LayerDiagnostics]:
+    def _summarize(self, state, grad, ratio) -> dict[str, LayerDiagnostics] | list[dict[str, LayerDiagnostics]]:
         tv, ntv, _ = state
         weight = np.asarray(self._norms(tv))
-        dead = [float(d) for d in self._dead(tv, ntv, self.probe)] if self._dead and self.probe is not None else []
-        dead += [None] * (len(self.weight_layers) - len(dead))
-        rows = zip(self.labels, grad, weight, ratio, dead, strict=True)
-        return {label: LayerDiagnostics(float(g), float(w), float(r), d) for label, g, w, r, d in rows}
+        dead = np.asarray(self._dead(tv, ntv, self.probe)) if self._dead and self.probe is not None else None
 
-    def infer(self, x: jax.Array, y: jax.Array, as_they_are: bool = False) -> tuple[dict[str, float], np.ndarray]:
+        def one(grad, weight, ratio, dead) -> dict[str, LayerDiagnostics]:
+            dead = [float(d) for d in dead] if dead is not None else []
+            dead += [None] * (len(self.weight_layers) - len(dead))
+            rows = zip(self.labels, grad, weight, ratio, dead, strict=True)
+            return {label: LayerDiagnostics(float(g), float(w), float(r), d) for label, g, w, r, d in rows}
+
+        if not self.vectorized:
+            return one(grad, weight, ratio, dead)
+        # dead: (layers, replicas) from the vmapped list of per-layer fractions
+        per_replica = dead.T if dead is not None else [None] * len(self.models)
+        return [one(*rows) for rows in zip(grad, weight, ratio, per_replica, strict=True)]
+
+    def infer(self, x: jax.Array, y: jax.Array, as_they_are: bool = False):
         """Loss and accuracy in inference mode, and the probabilities, on the evaluation weights of
-        the current state (schedule-free AdamW's average), or on the model's weights as they are."""
+        the current state (schedule-free AdamW's average), or on the model's weights as they are.
+        With replicas, a list of (logs, probabilities), one per replica."""
         tv, ntv, ov = self._state()
         if not as_they_are:
             tv = self._evaluation_weights(tv, ov)
         loss, correct, probs = self._infer(tv, ntv, x, y)
-        return {"loss": float(loss), "accuracy": int(correct) / len(y)}, np.asarray(probs)
+        if not self.vectorized:
+            return {"loss": float(loss), "accuracy": int(correct) / len(y)}, np.asarray(probs)
+        probs = np.asarray(probs)
+        return [
+            ({"loss": float(lo), "accuracy": int(c) / len(y)}, p) for lo, c, p in zip(loss, correct, probs, strict=True)
+        ]

@@ -30,6 +30,10 @@ from optlab.stats import Summary, describe
 
 PARAMS_FILE = "params.yaml"
 SEED_KEY = "seed"
+# How many seeds one experiment trained (replica r: seed + r): a run's replicas are runs of their
+# own, so the count never tells two variants apart.
+REPLICAS_KEY = "train.replicas"
+NOT_A_VARIANT = (SEED_KEY, REPLICAS_KEY)
 METRICS = {"accuracy": "test accuracy", "loss": "test loss", "f1_macro": "macro F1"}  # the report's columns
 # Hydra config groups of optlab's conf/ (optimizer=adam selects conf/optimizer/adam.yaml), and the
 # older layout's selector -> the prefix of its blocks of knobs, one per name.
@@ -57,6 +61,7 @@ class Run:
     # The knobs of each chosen group option as conf/ set them at this revision
     # ({"optimizer.momentum": 0.9, ...}), so a label can name only the knobs a run changed.
     choice_defaults: dict[str, Any] = field(default_factory=dict)
+    replica: int | None = None  # which replica of its experiment (its seed is the replica's)
 
     @property
     def seed(self) -> Any:
@@ -75,7 +80,10 @@ class Group:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {k: v for k, v in self.runs[0].params.items() if k != SEED_KEY}
+        return {k: v for k, v in self.runs[0].params.items() if k not in NOT_A_VARIANT}
+
+    def by_seed(self, metric: str) -> dict[Any, float]:
+        return {r.seed: r.metrics[metric] for r in self.runs if metric in r.metrics}
 
     def values(self, metric: str) -> list[float]:
         return [r.metrics[metric] for r in self.runs if metric in r.metrics]
@@ -124,7 +132,7 @@ def choice(params: dict[str, Any], group: str) -> Any:
 
 
 def _group_key(run: Run) -> str:
-    params = {k: v for k, v in run.params.items() if k != SEED_KEY}
+    params = {k: v for k, v in run.params.items() if k not in NOT_A_VARIANT}
     return json.dumps([params, run.data_hash, run.code_hash], sort_keys=True, default=str)
 
 
@@ -199,7 +207,7 @@ def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[fl
         data_hash=(deps.get(data_dep) or {}).get("hash"),
         code_hash=json.dumps(code),
         val_curve=tuple(curve),
-        diverged=summary.get("diverged") == 1,
+        diverged=(summary.get("diverged") or 0) >= 1,
     )
 
 
@@ -234,6 +242,47 @@ def read_curve(repo: Path, rev: str, pipeline: Pipeline) -> list[float]:
     if "step" not in table.columns or not value_cols:
         return []
     return table.sort_values("step")[value_cols[-1]].astype(float).tolist()
+
+
+def _series_at(repo: Path, rev: str, path: str) -> list[float]:
+    import pandas as pd
+
+    text = read_at(repo, rev, path)
+    if text is None:
+        return []
+    table = pd.read_csv(io.StringIO(text), sep="\t")
+    value_cols = [c for c in table.columns if c not in ("step", "timestamp")]
+    if "step" not in table.columns or not value_cols:
+        return []
+    return table.sort_values("step")[value_cols[-1]].astype(float).tolist()
+
+
+def replica_runs(run: Run, repo: Path, pipeline: Pipeline) -> list[Run]:
+    """An experiment that trained several replicas, as one run per replica (its seed, its test
+    metrics from the evaluate stage's per-replica table, its own validation curve); the run
+    itself when it trained one."""
+    import pandas as pd
+
+    if int(run.params.get(REPLICAS_KEY) or 1) < 2:
+        return [run]
+    try:
+        table_path = pipeline.option("evaluate", "--replicas")
+    except OptlabError:
+        return [run]
+    text = read_at(repo, run.rev, table_path)
+    if text is None:
+        return [run]
+    table = pd.read_csv(io.StringIO(text))
+    runs = []
+    for row in table.to_dict("records"):
+        r = int(row["replica"])
+        metrics = {k: float(v) for k, v in row.items() if k not in ("replica", "seed", "diverged") and _is_number(v)}
+        curve = _series_at(repo, run.rev, f"{pipeline.live_dir}/{artifacts.HISTORY_DIR}/{artifacts.REPLICA_HISTORY}"
+                                          f"/r{r}/val/accuracy.tsv")  # fmt: skip
+        params = {**run.params, SEED_KEY: int(row["seed"])}
+        runs.append(replace(run, params=params, metrics=metrics, val_curve=tuple(curve), replica=r,
+                            diverged=bool(row.get("diverged", 0))))  # fmt: skip
+    return runs
 
 
 def read_seconds_per_epoch(repo: Path, rev: str, pipeline: Pipeline) -> float | None:
@@ -273,7 +322,8 @@ def load_runs(repo: Path, all_commits: bool = False) -> tuple[list[Run], list[st
         try:
             curve, seconds = read_curve(repo, rev, pipeline), read_seconds_per_epoch(repo, rev, pipeline)
             found = run_from_state(state, pipeline, curve, seconds)
-            runs.append(replace(found, choice_defaults=read_choice_defaults(repo, rev, found.params)))
+            found = replace(found, choice_defaults=read_choice_defaults(repo, rev, found.params))
+            runs += replica_runs(found, repo, pipeline)
         except UnusableRun as exc:
             notes.append(f"`{state.get('name') or rev[:7]}` skipped: {exc}")
     return runs, notes

@@ -132,7 +132,8 @@ def gate(
     diff = metrics_diff(baseline, repo)
     result = judge(diff, file, max_drop, metric, max_relative_drop)
     summary = f"{pipeline.live_dir}/{SUMMARY}"
-    if (diff.get(summary) or {}).get("diverged", {}).get("new") == 1:
-        reason = f"training diverged in this change (`{summary}`: diverged = 1); {result.reason}"
+    diverged = (diff.get(summary) or {}).get("diverged", {}).get("new")
+    if isinstance(diverged, (int, float)) and diverged >= 1:  # how many replicas diverged
+        reason = f"training diverged in this change (`{summary}`: diverged = {diverged:g}); {result.reason}"
         result = GateResult(False, result.old, result.new, result.max_drop, reason)
     return result, summary_markdown(result, baseline, file, metric)

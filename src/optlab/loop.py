@@ -53,6 +53,7 @@ class History:
     diverged: str = ""  # why training stopped at its last epoch, when it diverged (train.on_divergence: record)
     # Per epoch, layer -> {grad_norm, weight_norm, update_ratio, dead_fraction} (compiled loop).
     diagnostics: list[dict[str, dict[str, float | None]]] = field(default_factory=list)
+    stopped: bool = False  # a callback (early stopping) or divergence ended it before train.epochs
 
     def column(self, key: str) -> list[float]:
         return [e[key] for e in self.epochs]
@@ -130,9 +131,12 @@ class Progress(keras.callbacks.Callback):
 
     SLOW = 2.0  # seconds into the epoch before its first quarter mark: shorter epochs get no bar
 
-    def __init__(self, epochs: int, stream: TextIO | None = None) -> None:
+    def __init__(self, epochs: int, stream: TextIO | None = None, prefix: str = "", suffix: str = "") -> None:
+        """``prefix``/``suffix``: what each line starts and ends with (replica r of several trained
+        one after another; the replicas' mean)."""
         super().__init__()
         self.epochs, self.stream = epochs, stream or sys.stdout
+        self.prefix, self.suffix = prefix, suffix
         self.started, self.next_mark, self.width = 0.0, 0.25, len(str(epochs))
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -163,7 +167,7 @@ class Progress(keras.callbacks.Callback):
         )
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        print(f"{self.prefix}{line}{self.suffix}", file=self.stream, flush=True)
 
 
 class _EpochStart(keras.callbacks.Callback):
@@ -190,10 +194,15 @@ class _EpochEnd(keras.callbacks.Callback):
     fail) or is recorded and ends training after it (record)."""
 
     def __init__(
-        self, start: _EpochStart, history: History, experiment: Params, on_epoch: OnEpoch | None, engine=None
+        self,
+        start: _EpochStart,
+        history: History,
+        experiment: Params,
+        on_epoch: OnEpoch | None,
+        diagnostics: Callable[[], dict | None] | None = None,
     ) -> None:
         super().__init__()
-        self.start, self.history, self.on_epoch, self.engine = start, history, on_epoch, engine
+        self.start, self.history, self.on_epoch, self.diagnostics = start, history, on_epoch, diagnostics
         self.experiment = experiment  # not `params`: Keras gives each callback a `params` dict of its own
 
     def on_epoch_end(self, epoch, logs=None):
@@ -203,11 +212,13 @@ class _EpochEnd(keras.callbacks.Callback):
             raise DivergedError(f"{why} No model or metrics were saved (train.on_divergence: fail).")
         self.history.seconds.append(self.start.seconds)
         self.history.epochs.append(logs)
-        if self.engine is not None and self.engine.diagnostics:
-            self.history.diagnostics.append({k: asdict(v) for k, v in self.engine.last_epoch.items()})
+        found = self.diagnostics() if self.diagnostics is not None else None
+        if found:
+            self.history.diagnostics.append({k: asdict(v) for k, v in found.items()})
         if why:
             self.history.diverged = why
             self.model.stop_training = True
+        self.history.stopped = bool(self.model.stop_training)
         if self.on_epoch:
             self.on_epoch(epoch, logs, self.history)
 
@@ -293,15 +304,23 @@ class Loop:
     """A compiled Keras model, its optimizer's learning rate, and the engine that steps it."""
 
     def __init__(
-        self, model: keras.Model, params: Params, steps_per_epoch: int, rate: optim.AppliedRate, choice: Engine
+        self,
+        model: keras.Model,
+        params: Params,
+        steps_per_epoch: int,
+        rate: optim.AppliedRate,
+        choice: Engine,
+        engine: bool = True,
     ) -> None:
+        """``engine``: build the compiled engine for this model (the replicas of a vectorized run
+        share one instead)."""
         self.model, self.params, self.steps_per_epoch, self.rate = model, params, steps_per_epoch, rate
         self.choice = choice  # backend, loop and the rule that chose them (run.json records it)
         # Schedule-free AdamW's weights to evaluate and save; None: the training weights themselves.
         self.average = optim.evaluation_weights(model)
         self.finished = False  # finish() put the evaluation weights in the model
         self.engine = None
-        if choice.loop == "compiled":
+        if choice.loop == "compiled" and engine:
             from optlab.engine import CompiledEngine
 
             self.engine = CompiledEngine(
@@ -309,7 +328,9 @@ class Loop:
             )
 
     @classmethod
-    def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int) -> Loop:
+    def build(
+        cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int, engine: bool = True
+    ) -> Loop:
         """The model and optimizer ``params`` describe, ready to train on ``n_train`` examples, on
         the backend Keras runs (``optlab.backend.configure`` chose it)."""
         steps = math.ceil(n_train / params.train.batch_size)  # the last batch may be partial
@@ -317,7 +338,7 @@ class Loop:
         optimizer = optim.build_optimizer(params, rate, steps)
         model = models.build_model(params.model, input_shape, n_classes, params.seed)
         models.compile_model(model, optimizer)
-        return cls(model, params, steps, optim.AppliedRate(optimizer, rate), resolve_engine(params))
+        return cls(model, params, steps, optim.AppliedRate(optimizer, rate), resolve_engine(params), engine)
 
     def fit(
         self,
@@ -337,7 +358,8 @@ class Loop:
         """
         history = history if history is not None else History()
         start = _EpochStart(self.rate, self.steps_per_epoch)
-        end = _EpochEnd(start, history, self.params, on_epoch, self.engine)
+        found = (lambda: self.engine.last_epoch) if self.engine is not None and self.engine.diagnostics else None
+        end = _EpochEnd(start, history, self.params, on_epoch, found)
         plateau = optim.plateau_callback(self.params)
         swap = [_EvaluationWeights(self)] if self.average and self.engine is None else []
         everything = [
@@ -412,3 +434,142 @@ class Loop:
             return {"loss": float(loss), "accuracy": float(accuracy)}
         logs, _ = self.engine.infer(to_device(split.x), to_device(split.y), as_they_are=self.finished)
         return logs
+
+
+# --- replicas: one variant, several seeds, trained together --------------------------------
+def replica_params(params: Params, r: int) -> Params:
+    """Replica r of ``params`` is the run with ``seed + r``: its own initial weights, dropout stream
+    and batch order, and exactly the experiment a separate run with that seed would be."""
+    return params.model_copy(update={"seed": params.seed + r})
+
+
+class Replicas:
+    """``train.replicas`` runs of one variant, replica r with seed ``seed + r`` (:func:`replica_params`).
+
+    On the compiled loop they train as one program (optlab.engine vectorizes every function over
+    the replicas), each with its own callbacks: early stopping, keep-best, ReduceLROnPlateau and
+    the divergence check act per replica as in a single run; a replica that stops keeps its state
+    while the others go on. On the keras loop, Keras's ``fit`` trains them one after another.
+    One replica is exactly the single run it always was.
+    """
+
+    def __init__(self, loops: list[Loop]) -> None:
+        self.loops = loops
+        self.engine = None
+        lead = loops[0]
+        if lead.choice.loop == "compiled" and len(loops) > 1:
+            from optlab.engine import CompiledEngine
+
+            p = lead.params.train
+            self.engine = CompiledEngine(
+                [lp.model for lp in loops], p.batch_size, EVAL_ROWS, p.diagnostics, lead.average
+            )
+
+    @classmethod
+    def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, n_train: int) -> Replicas:
+        vectorized = params.train.replicas > 1
+        loops = [
+            Loop.build(replica_params(params, r), input_shape, n_classes, n_train, engine=not vectorized)
+            for r in range(params.train.replicas)
+        ]
+        return cls(loops)
+
+    @property
+    def models(self) -> list[keras.Model]:
+        return [lp.model for lp in self.loops]
+
+    def fit(
+        self,
+        train: Split,
+        val: Split,
+        callbacks: Sequence[Sequence[keras.callbacks.Callback]],
+        histories: Sequence[History] | None = None,
+        on_epoch: Callable[[int, int, dict, History], None] | None = None,
+        progress: Callable[[int], Progress] | None = None,
+        after_epoch: Callable[[int], None] | None = None,
+    ) -> list[History]:
+        """Train every replica (``callbacks[r]`` are replica r's own) up to ``train.epochs`` epochs.
+        ``histories`` continue resumed runs; ``on_epoch(r, epoch, logs, history)`` follows each
+        replica's every epoch, and ``after_epoch(epoch)`` each epoch once every model and history
+        agree on it (the moment to save a resume backup); ``progress(r)`` makes what prints replica
+        r's lines (several replicas in one program: one, ``progress(-1)``, prints their mean)."""
+        histories = list(histories) if histories is not None else [History() for _ in self.loops]
+
+        def hook(r):
+            def both(epoch, logs, history):
+                if on_epoch is not None:
+                    on_epoch(r, epoch, logs, history)
+                if after_epoch is not None:  # only replica r moved: everything agrees
+                    after_epoch(epoch)
+
+            return both
+
+        if self.engine is None:  # one replica, or the keras loop: each trains as a single run
+            for r, (lp, cbs, history) in enumerate(zip(self.loops, callbacks, histories, strict=True)):
+                if not (history.stopped or len(history.epochs) >= lp.params.train.epochs):
+                    lp.fit(train, val, cbs, history, hook(r), progress(r) if progress else None)
+            return histories
+        self._fit_vectorized(
+            train, val, callbacks, histories, on_epoch, after_epoch, progress(-1) if progress else None
+        )
+        return histories
+
+    def _fit_vectorized(self, train, val, callbacks, histories, on_epoch, after_epoch, progress) -> None:
+        engine, loops = self.engine, self.loops
+        x, y, xv, yv = (to_device(a) for a in (train.x, train.y, val.x, val.y))
+        engine.probe = to_device(val.x[:PROBE_IMAGES])
+        epochs, steps = loops[0].params.train.epochs, loops[0].steps_per_epoch
+        diagnosed: dict[int, dict] = {}
+        lists = []
+        for r, (lp, cbs, history) in enumerate(zip(loops, callbacks, histories, strict=True)):
+            start = _EpochStart(lp.rate, steps)
+            found = (lambda r=r: diagnosed.get(r)) if engine.diagnostics else None
+            end = _EpochEnd(start, history, lp.params, None, found)
+            plateau = optim.plateau_callback(lp.params)
+            lists.append(
+                keras.callbacks.CallbackList(
+                    [start, *([plateau] if plateau else []), *cbs, end], model=lp.model, epochs=epochs, steps=steps
+                )
+            )
+            lp.model.stop_training = False
+            lists[-1].on_train_begin()
+        first = min((len(h.epochs) for h in histories if not h.stopped), default=epochs)
+        for epoch in range(first, epochs):
+            active = [r for r, h in enumerate(histories) if not h.stopped]
+            if not active:
+                break
+            for r in active:
+                lists[r].on_epoch_begin(epoch)
+            if progress is not None:
+                progress.on_epoch_begin(epoch)
+            orders = np.stack([epoch_order(lp.params.seed, epoch, len(train.y)) for lp in loops])
+            tick = (lambda done, total: progress.steps_done(done, total)) if progress is not None else None
+            logs = engine.train_epoch(x, y, orders, on_progress=tick, replicas=active)
+            vals = engine.infer(xv, yv)
+            if engine.diagnostics:
+                diagnosed.update(enumerate(engine.last_epoch))
+            for r in active:
+                logs[r].update({f"val_{k}": v for k, v in vals[r][0].items()})
+                lists[r].on_epoch_end(epoch, logs[r])
+            # Every active replica's model and history now hold this epoch: the hooks see them agree.
+            for r in active:
+                if on_epoch is not None:
+                    on_epoch(r, epoch, histories[r].epochs[-1], histories[r])
+            if after_epoch is not None:
+                after_epoch(epoch)
+            if progress is not None:  # the epoch as each replica recorded it (learning rate included)
+                done = [histories[r].epochs[-1] for r in active]
+                progress.on_epoch_end(epoch, {k: float(np.mean([d[k] for d in done])) for k in done[0]})
+        for cbs in lists:
+            cbs.on_train_end()
+
+    def finish(self, keep_bests: Sequence[KeepBest | None]) -> None:
+        for lp, keep in zip(self.loops, keep_bests, strict=True):
+            lp.finish(keep)
+
+    def measure(self, split: Split) -> list[dict[str, float]]:
+        """Each replica's loss and accuracy on the weights to save, in inference mode."""
+        if self.engine is None:
+            return [lp.measure(split) for lp in self.loops]
+        finished = all(lp.finished for lp in self.loops)
+        return [logs for logs, _ in self.engine.infer(to_device(split.x), to_device(split.y), as_they_are=finished)]

@@ -229,6 +229,9 @@ SCHEDULE_NAMES = tuple(GROUPS["schedule"])
 class TrainParams(Section):
     epochs: Annotated[int, Field(ge=1, le=10_000)]
     batch_size: Annotated[int, Field(ge=1, le=65_536)]
+    # Runs of this variant trained together, replica r with seed `seed + r`: the metrics are their
+    # means, with the spread over seeds beside them (one vectorized program on the compiled loop).
+    replicas: Annotated[int, Field(ge=1, le=64)]
     # auto: the fastest on this machine, by a rule optlab.backend.choose_engine documents and
     # run.json records; results differ slightly between backends.
     backend: Literal["auto", "jax", "tensorflow"]

@@ -53,9 +53,11 @@ def _epoch_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def learning_curves(history: pd.DataFrame, path: str | Path) -> None:
+def learning_curves(history: pd.DataFrame, path: str | Path, replicas: Sequence[pd.DataFrame] = ()) -> None:
     """Loss and accuracy per epoch, training against validation, with the epoch of the best
-    validation accuracy marked (the one ``keep_best`` would keep)."""
+    validation accuracy marked (the one ``keep_best`` would keep). With ``replicas`` (each
+    replica's history), ``history`` is their mean, drawn with a band of one standard deviation
+    over the replicas around it."""
     fig = _figure(11, 4.2)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = history.index
@@ -65,6 +67,11 @@ def learning_curves(history: pd.DataFrame, path: str | Path) -> None:
     for ax, key, ylabel in panels:
         ax.plot(epochs, history[key], marker=marker, ms=3, color=TRAIN_COLOR, label="training")
         ax.plot(epochs, history[f"val_{key}"], marker=marker, ms=3, color=VAL_COLOR, label="validation")
+        for column, color in ((key, TRAIN_COLOR), (f"val_{key}", VAL_COLOR)):
+            if len(replicas) > 1:
+                spread = pd.DataFrame({r: h[column] for r, h in enumerate(replicas)}).std(axis=1).reindex(epochs)
+                mean = history[column]
+                ax.fill_between(epochs, mean - spread.fillna(0), mean + spread.fillna(0), color=color, alpha=0.2)
         ax.axvline(best, color=MARK_COLOR, ls="--", lw=1, label=f"best validation accuracy (epoch {best})")
         ax.plot([best], [history.loc[best, f"val_{key}"]], "o", color=MARK_COLOR, ms=7)
         ax.set_ylabel(ylabel)
@@ -73,7 +80,8 @@ def learning_curves(history: pd.DataFrame, path: str | Path) -> None:
     ax_acc.set_title(f"Accuracy: best validation {history.loc[best, 'val_accuracy']:.3f} at epoch {best}")
     # Below the panels, where no curve can run under it.
     fig.legend(*ax_acc.get_legend_handles_labels(), loc="outside lower center", ncols=3, frameon=False, fontsize=9)
-    fig.suptitle("Learning curves: training vs validation, per epoch")
+    shown = f", mean of {len(replicas)} replicas ± 1 sd" if len(replicas) > 1 else ""
+    fig.suptitle(f"Learning curves: training vs validation, per epoch{shown}")
     _save(fig, path)
 
 
@@ -261,7 +269,8 @@ def confused_images(
 class Figures:
     """Everything one experiment's figures are drawn from (the plot stage's inputs)."""
 
-    history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history
+    history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history (with replicas, their mean)
+    replicas: Sequence[pd.DataFrame]  # each replica's history (read_replica_histories; empty for one)
     diagnostics: Mapping[str, pd.DataFrame]  # from optlab.artifacts.read_diagnostics (may be empty)
     per_class: Mapping[str, Mapping[str, float]]  # from optlab.artifacts.load_per_class
     y_test: np.ndarray
@@ -273,7 +282,7 @@ class Figures:
         """Write every figure into ``out``; return their file names."""
         cm = metrics.confusion(self.y_test, self.probabilities.argmax(axis=1), len(self.classes))
         figures = {
-            "learning_curves.png": lambda path: learning_curves(self.history, path),
+            "learning_curves.png": lambda path: learning_curves(self.history, path, self.replicas),
             "learning_rate.png": lambda path: learning_rate(self.history, path),
             "gradients.png": lambda path: gradients(self.diagnostics, path),
             "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),

@@ -60,6 +60,7 @@ class Difference:
     ci_high: float = math.nan
     p_value: float = math.nan
     df: float = math.nan
+    test: str = "Welch"  # "Welch" (independent seeds) or "paired" (the same seeds on both sides)
 
 
 def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
@@ -80,6 +81,44 @@ def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float
     result = stats.ttest_ind(variant, baseline, equal_var=False)
     ci = result.confidence_interval(confidence)
     return Difference(diff, True, "", float(ci.low), float(ci.high), float(result.pvalue), float(result.df))
+
+
+def paired(variant: dict[object, float], baseline: dict[object, float], confidence: float = CONFIDENCE) -> Difference:
+    """The paired t-test of ``variant - baseline`` over the seeds both ran (seed -> value).
+
+    Where two variants share their seeds, they share each seed's initial weights (for one
+    architecture), dropout stream and batch order, so a seed that is lucky for one tends to be
+    lucky for the other: the differences seed by seed vary less than either variant does, and
+    the test on them sees a smaller true difference than Welch's, with the same seeds."""
+    seeds = sorted(set(variant) & set(baseline), key=str)
+    diffs = [variant[s] - baseline[s] for s in seeds]
+    diff = sum(diffs) / len(diffs) if diffs else math.nan
+    if len(seeds) < MIN_SEEDS_FOR_TEST:
+        return Difference(diff, tested=False, reason="not enough seeds", test="paired")
+    if max(diffs) == min(diffs):
+        return Difference(diff, tested=False, reason="no seed variation: check that `seed` reaches the training",
+                          test="paired")  # fmt: skip
+    result = stats.ttest_rel([variant[s] for s in seeds], [baseline[s] for s in seeds])
+    ci = result.confidence_interval(confidence)
+    return Difference(diff, True, "", float(ci.low), float(ci.high), float(result.pvalue), float(result.df), "paired")
+
+
+def seeds_needed(
+    diff: float, spread: float, is_paired: bool, power: float = 0.8, alpha: float = ALPHA, most: int = 10_000
+) -> int | None:
+    """Roughly how many seeds (per variant) a t-test needs to call ``diff`` larger than seed noise
+    with probability ``power`` at level ``alpha``, if ``diff`` were the true difference and
+    ``spread`` the standard deviation (of the seed-by-seed differences when ``is_paired``, else of
+    one seed's result, the two variants' pooled). None: more than ``most``, or no difference."""
+    if not (math.isfinite(diff) and math.isfinite(spread)) or diff == 0 or spread <= 0:
+        return None
+    for n in range(2, most + 1):
+        df = n - 1 if is_paired else 2 * n - 2
+        ncp = abs(diff) / (spread / math.sqrt(n) if is_paired else spread * math.sqrt(2 / n))
+        t = stats.t.ppf(1 - alpha / 2, df)
+        if stats.nct.sf(t, df, ncp) + stats.nct.cdf(-t, df, ncp) >= power:
+            return n
+    return None
 
 
 def holm(p_values: Sequence[float]) -> list[float]:

@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 from optlab import artifacts  # noqa: E402
 from optlab.backend import Engine  # noqa: E402
 from optlab.errors import OptlabError  # noqa: E402
-from optlab.loop import History, KeepBest, Loop, Progress  # noqa: E402
+from optlab.loop import History, KeepBest, Loop, Progress, Replicas  # noqa: E402
 from optlab.models import trainable_params  # noqa: E402
 from optlab.optim import mode  # noqa: E402
-from optlab.outputs import atomic_file, remove_outputs, temporaries  # noqa: E402
+from optlab.outputs import atomic_dir, atomic_file, remove_outputs, temporaries  # noqa: E402
 from optlab.params import Params  # noqa: E402
 
 
@@ -80,30 +80,49 @@ class Backup:
         model.optimizer.build(model.trainable_variables)
         return [*model.trainable_variables, *model.non_trainable_variables, *model.optimizer.variables]
 
-    def save(self, model: keras.Model, history: History, keep_best: KeepBest | None = None) -> None:
-        values = {f"v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
-        best = keep_best.best if keep_best is not None and keep_best.best is not None else []
-        values |= {f"b{i}": w for i, w in enumerate(best)}
-        state = {"epochs": history.epochs, "seconds": history.seconds, "diagnostics": history.diagnostics}
-        state["best_value"] = keep_best.best_value if keep_best is not None else None
+    def save(self, models, histories, keep_bests=None) -> None:
+        """``models``, ``histories``, ``keep_bests``: the replicas' (lists), or one run's."""
+        models, histories, keep_bests = _listed(models, histories, keep_bests)
+        values, states = {}, []
+        for r, (model, history, keep) in enumerate(zip(models, histories, keep_bests, strict=True)):
+            values |= {f"r{r}v{i}": keras.ops.convert_to_numpy(v.value) for i, v in enumerate(self._variables(model))}
+            best = keep.best if keep is not None and keep.best is not None else []
+            values |= {f"r{r}b{i}": w for i, w in enumerate(best)}
+            states.append({
+                "epochs": history.epochs, "seconds": history.seconds, "diagnostics": history.diagnostics,
+                "stopped": history.stopped, "best_value": keep.best_value if keep is not None else None,
+            })  # fmt: skip
         with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, history=np.array(json.dumps(state)), **values)
+            np.savez(f, history=np.array(json.dumps(states)), **values)
 
-    def load(self, model: keras.Model, keep_best: KeepBest | None = None) -> History | None:
+    def load(self, models, keep_bests=None, only: int | None = None):
+        """Restore the replicas' state (``only``: replica ``only``'s, into the one model given) and
+        return their histories; None when there is no backup, or one of another architecture."""
+        single = isinstance(models, keras.Model)
+        models, _, keep_bests = _listed(models, None, keep_bests)
         remove_outputs(*temporaries(self.path))  # a save cut short by a kill; the last whole one stays
         if not self.path.is_file():
             return None
-        variables = self._variables(model)
         with np.load(self.path) as saved:
-            n_best = sum(f.startswith("b") for f in saved.files)
-            if sum(f.startswith("v") for f in saved.files) != len(variables) or n_best not in (0, len(model.weights)):
-                return None  # another architecture under the same key: start afresh
-            for i, var in enumerate(variables):
-                var.assign(saved[f"v{i}"])
-            state = json.loads(str(saved["history"]))
-            if keep_best is not None and n_best:
-                keep_best.best_value, keep_best.best = state["best_value"], [saved[f"b{i}"] for i in range(n_best)]
-        return History(epochs=state["epochs"], seconds=state["seconds"], diagnostics=state.get("diagnostics", []))
+            states = json.loads(str(saved["history"]))
+            replicas = range(len(states)) if only is None else [only]
+            if not isinstance(states, list) or (only is None and len(states) != len(models)):
+                return None  # another layout or number of replicas under the same key: start afresh
+            histories = []
+            for model, keep, r in zip(models, keep_bests, replicas, strict=True):
+                variables = self._variables(model)
+                n_v = sum(f.startswith(f"r{r}v") for f in saved.files)
+                n_b = sum(f.startswith(f"r{r}b") for f in saved.files)
+                if n_v != len(variables) or n_b not in (0, len(model.weights)):
+                    return None  # another architecture under the same key
+                for i, var in enumerate(variables):
+                    var.assign(saved[f"r{r}v{i}"])
+                state = states[r]
+                if keep is not None and n_b:
+                    keep.best_value, keep.best = state["best_value"], [saved[f"r{r}b{i}"] for i in range(n_b)]
+                histories.append(History(state["epochs"], state["seconds"], diagnostics=state["diagnostics"],
+                                         stopped=state["stopped"]))  # fmt: skip
+        return histories[0] if single else histories
 
     def clear(self) -> None:
         remove_outputs(self.path)
@@ -111,8 +130,19 @@ class Backup:
             self.root.rmdir()
 
 
+def _listed(models, histories, keep_bests) -> tuple[list, list, list]:
+    """One run's model, history and keep-best as the one-replica lists Backup stores."""
+    if isinstance(models, keras.Model):
+        models = [models]
+        histories = None if histories is None else [histories]
+        keep_bests = None if keep_bests is None else [keep_bests]
+    return list(models), list(histories or [None] * len(models)), list(keep_bests or [None] * len(models))
+
+
 # --- the stage ------------------------------------------------------------------------------
-def _callbacks(params: Params, loop: Loop, logs_dir: Path) -> tuple[list[keras.callbacks.Callback], KeepBest | None]:
+def _callbacks(
+    params: Params, loop: Loop, logs_dir: Path, tensorboard: bool = True
+) -> tuple[list[keras.callbacks.Callback], KeepBest | None]:
     callbacks: list[keras.callbacks.Callback] = []
     t = params.train
     if t.early_stopping:
@@ -122,7 +152,7 @@ def _callbacks(params: Params, loop: Loop, logs_dir: Path) -> tuple[list[keras.c
         )
     keep_best = KeepBest(t.monitor, loop.all_evaluation_weights) if t.keep_best else None
     callbacks += [keep_best] if keep_best else []
-    if t.tensorboard:
+    if t.tensorboard and tensorboard:
         # TensorBoard logs sit outside DVC's outputs; compare runs with `tensorboard --logdir logs`.
         name = os.environ.get("DVC_EXP_NAME") or f"{params.optimizer.name}-{params.schedule.name}-seed{params.seed}"
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(logs_dir / name)))
@@ -142,15 +172,15 @@ def _finite(model: keras.Model) -> bool:
     return all(np.isfinite(keras.ops.convert_to_numpy(v.value)).all() for v in model.trainable_variables)
 
 
-def _keep_last_finite_weights(loop: Loop, backup: Backup, meta: artifacts.PreparedMeta, n_train: int) -> str:
-    """After a diverged epoch, the model's weights are its own if finite, else the last epoch's
-    (from the resume backup), else the initial ones. Says which."""
+def _keep_last_finite_weights(loop: Loop, backup: Backup, r: int, meta: artifacts.PreparedMeta, n_train: int) -> str:
+    """After replica ``r`` diverged, its model's weights are its own if finite, else the last
+    epoch's (from the resume backup), else the initial ones. Says which."""
     if _finite(loop.model):
         return "the diverged epoch's own weights (finite)"
-    restored = backup.load(loop.model)
+    restored = backup.load([loop.model], only=r)
     if restored is not None:
-        return f"the weights after epoch {len(restored.epochs)}, the last finite one"
-    fresh = Loop.build(loop.params, meta.input_shape, len(meta.classes), n_train)  # same seed: same initial weights
+        return f"the weights after epoch {len(restored[0].epochs)}, the last finite one"
+    fresh = Loop.build(loop.params, meta.input_shape, len(meta.classes), n_train, engine=False)  # same seed
     loop.model.set_weights(fresh.model.get_weights())
     loop.finished = True  # the optimizer's state is the diverged one: these weights are saved as they are
     return "the initial weights (the first epoch already diverged)"
@@ -169,6 +199,13 @@ def diagnostics_summary(history: History) -> dict[str, float]:
     return summary
 
 
+def _mean(values: list[float]) -> float | int:
+    """The replicas' mean; an integer when they all agree on one (epochs run, best epoch)."""
+    if all(v == values[0] for v in values) and float(values[0]).is_integer():
+        return int(values[0])
+    return float(np.mean(values))
+
+
 def run(
     params: Params,
     data_dir: str | Path,
@@ -176,13 +213,17 @@ def run(
     live_dir: str | Path,
     backup_dir: str | Path,
     logs_dir: str | Path,
+    replicas_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train as ``params`` says; write the model and the dvclive directory. Returns the summary.
+    """Train as ``params`` says (``train.replicas`` runs, replica r with seed ``seed + r``); write
+    replica 0's model to ``model_path``, every replica's to ``replicas_dir`` (``<r>.keras``), and
+    the dvclive directory. Returns the summary.
 
     ``backup_dir`` holds the per-epoch resume state, ``logs_dir`` the TensorBoard logs (both
     outside DVC's outputs); ``progress`` prints a line per epoch as it ends."""
     model_path, live_dir = Path(model_path), Path(live_dir)
+    replicas_dir = Path(replicas_dir) if replicas_dir is not None else None
     meta = artifacts.prepared_meta(data_dir)
     if meta.dataset != params.dataset:
         raise OptlabError(
@@ -190,84 +231,122 @@ def run(
             f"run `dvc repro` so download and prepare run again for {params.dataset}"
         )
     # Stale outputs go first: a failure below must not leave an old model beside new metrics.
-    remove_outputs(model_path, live_dir)
+    remove_outputs(model_path, live_dir, *([replicas_dir] if replicas_dir else []))
 
     data = artifacts.load_prepared(data_dir, ("train", "val"))
     train_split, val_split = data.splits["train"], data.splits["val"]
-    loop = Loop.build(params, meta.input_shape, len(meta.classes), len(train_split.y))
-    model = loop.model
+    group = Replicas.build(params, meta.input_shape, len(meta.classes), len(train_split.y))
+    loops, n = group.loops, len(group.loops)
+    lead = loops[0]
     fingerprint = artifacts.fingerprint(data_dir)
     backup = Backup(Path(backup_dir), backup_key(params, fingerprint))
-    callbacks, keep_best = _callbacks(params, loop, Path(logs_dir))
-    resumed = backup.load(model, keep_best)
-    # Counted now: fit() appends this run's epochs to the very History object it resumes.
-    epochs_before = len(resumed.epochs) if resumed is not None else 0
+    made = [_callbacks(lp.params, lp, Path(logs_dir), tensorboard=r == 0) for r, lp in enumerate(loops)]
+    callbacks, keep_bests = [c for c, _ in made], [k for _, k in made]
+    resumed = backup.load(group.models, keep_bests)
+    histories = resumed if resumed is not None else [History() for _ in loops]
+    # Counted now: fit() appends this run's epochs to the very History objects it resumes.
+    epochs_before = [len(h.epochs) for h in histories]
     if resumed is not None:
-        print(f"resuming from the backup of epoch {epochs_before} in {backup.path}", flush=True)
-    if params.train.diagnostics and loop.engine is None:
+        print(f"resuming from the backup of epoch {max(epochs_before)} in {backup.path}", flush=True)
+    if params.train.diagnostics and lead.choice.loop != "compiled":
         print(
-            f"note: no backprop diagnostics on train.loop {loop.choice.loop} (they are computed inside the compiled "
+            f"note: no backprop diagnostics on train.loop {lead.choice.loop} (they are computed inside the compiled "
             "epoch); train with -S train.backend=jax -S train.loop=compiled to get them",
             flush=True,
         )
-    info = run_info(params, loop.choice, fingerprint)
-    log = artifacts.TrainLog(live_dir, info)
+    info = {**run_info(params, lead.choice, fingerprint), "replica_seeds": [lp.params.seed for lp in loops]}
+    log = artifacts.TrainLog(live_dir, info, replicas=n)
     try:
         # A resumed run's live directory starts again from the backup's epochs.
-        for i, logs in enumerate(resumed.epochs if resumed is not None else []):
-            log.log_epoch(logs, resumed.diagnostics[i] if i < len(resumed.diagnostics) else None)
+        for r, h in enumerate(histories):
+            for i, logs in enumerate(h.epochs):
+                log.log_replica(r, i + 1, logs, h.diagnostics[i] if i < len(h.diagnostics) else None)
+        log.log_means(histories)
 
-        def on_epoch(epoch: int, logs: dict, history: History) -> None:
-            if not history.diverged:  # a resume never starts from a diverged state
-                backup.save(model, history, keep_best)
-            log.log_epoch(logs, history.diagnostics[-1] if history.diagnostics else None)
+        def on_epoch(r: int, epoch: int, logs: dict, history: History) -> None:
+            log.log_replica(r, epoch + 1, logs, history.diagnostics[-1] if history.diagnostics else None)
 
-        shown = Progress(params.train.epochs) if progress else None
-        history = loop.fit(train_split, val_split, callbacks, history=resumed, on_epoch=on_epoch, progress=shown)
-        kept = _keep_last_finite_weights(loop, backup, meta, len(train_split.y)) if history.diverged else ""
+        def after_epoch(epoch: int) -> None:
+            if not any(h.diverged for h in histories):  # a resume never starts from a diverged state
+                backup.save(group.models, histories, keep_bests)
+            log.log_means(histories)
+
+        def shown(r: int) -> Progress | None:
+            if not progress:
+                return None
+            if r < 0:
+                return Progress(params.train.epochs, suffix=f" (mean of {n} replicas)")
+            return Progress(params.train.epochs, prefix=f"replica {r}: " if n > 1 else "")
+
+        group.fit(train_split, val_split, callbacks, histories, on_epoch, shown, after_epoch)
+        log.log_means(histories, final=True)
+        kept = [
+            _keep_last_finite_weights(lp, backup, r, meta, len(train_split.y)) if h.diverged else ""
+            for r, (lp, h) in enumerate(zip(loops, histories, strict=True))
+        ]
         # The weights to save: keep_best's best epoch, or the last one's evaluation weights.
-        loop.finish(keep_best)
+        group.finish(keep_bests)
 
         # Report 003's warning: the running accuracy above averages over changing weights and
         # dropout. Measure the final weights in inference mode too.
-        inference = {n: loop.measure(split)["accuracy"] for n, split in (("train", train_split), ("val", val_split))}
+        inference = {name: group.measure(split) for name, split in (("train", train_split), ("val", val_split))}
         # Let go of the data before writing the outputs, so the end of the run does not add to
         # the peak set while training.
         del data, train_split, val_split
-        run_seconds = history.seconds[epochs_before:]
+        each = []
+        for r, (lp, h) in enumerate(zip(loops, histories, strict=True)):
+            each.append({
+                "replica": r, "seed": lp.params.seed, "epochs_run": len(h.epochs), "best_epoch": best_epoch(h, params),
+                "train_accuracy": inference["train"][r]["accuracy"], "val_accuracy": inference["val"][r]["accuracy"],
+                "diverged": int(bool(h.diverged)), **({"diverged_epoch": len(h.epochs)} if h.diverged else {}),
+                **diagnostics_summary(h),
+            })  # fmt: skip
         summary = {
-            "trainable_params": trainable_params(model),
-            "epochs_run": len(history.epochs),
-            "best_epoch": best_epoch(history, params),
-            # Measured on the model saved, in inference mode (report 003's warning): the running
-            # averages Keras logs per epoch are curves in the history, not these.
-            "train_accuracy": inference["train"],
-            "val_accuracy": inference["val"],
-            "diverged": int(bool(history.diverged)),
-            **({"diverged_epoch": len(history.epochs)} if history.diverged else {}),
-            **diagnostics_summary(history),
+            "trainable_params": trainable_params(lead.model),
+            # Measured on the models saved, in inference mode (report 003's warning): the running
+            # averages Keras logs per epoch are curves in the history, not these. With replicas,
+            # each figure is their mean (replicas.json has each replica's).
+            **{k: _mean([e[k] for e in each]) for k in ("epochs_run", "best_epoch", "train_accuracy", "val_accuracy")},
+            "diverged": sum(e["diverged"] for e in each),  # how many replicas diverged
+            **({"diverged_epoch": min(e["diverged_epoch"] for e in each if e["diverged"])} if any(kept) else {}),
+            **{
+                k: float(np.mean([e[k] for e in each if k in e]))
+                for k in ("first_epoch_update_ratio", "dead_unit_fraction")
+                if any(k in e for e in each)
+            },
         }
+        if n > 1:
+            summary["replicas"] = n
         # Timings differ on every run: kept with the run's provenance, not among its metrics, so
         # an identical rerun changes no metric and reruns nothing downstream.
+        seconds = histories[0].seconds if group.engine is not None else [t for h in histories for t in h.seconds]
+        run_seconds = seconds[epochs_before[0] :] if group.engine is not None else seconds
         timings = {
-            "train_seconds": round(float(sum(history.seconds)), 3),
+            "train_seconds": round(float(sum(seconds)), 3),
             # Steady state: the first epoch of a process includes compiling the XLA program.
             # (A run resumed after its last epoch trained none here: fall back to the backup's times.)
-            "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or history.seconds)), 4),
+            "seconds_per_epoch": round(float(np.median(run_seconds[1:] or run_seconds or seconds)), 4),
             "first_epoch_seconds": round(float(run_seconds[0]), 3) if run_seconds else 0.0,
         }
-        log.finish(summary, {**info, "timings": timings, **({"diverged": history.diverged} if kept else {})})
-        artifacts.save_model(model, model_path)  # last: its presence means the run completed
+        why = {str(r): h.diverged for r, h in enumerate(histories) if h.diverged}
+        log.finish(summary, {**info, "timings": timings, **({"diverged": why} if why else {})}, each)
+        if replicas_dir is not None:
+            with atomic_dir(replicas_dir) as tmp:
+                for r, lp in enumerate(loops):
+                    artifacts.save_model(lp.model, tmp / f"{r}.keras")
+        artifacts.save_model(lead.model, model_path)  # last: its presence means the run completed
     except BaseException:
         log.abandon()  # nothing half-written: a failed run records nothing
         raise
     backup.clear()
-    if history.diverged:
-        print(
-            f"warning: {history.diverged}\nRecorded as a result (train.on_divergence: record): the curves up to "
-            f"epoch {len(history.epochs)} are in {live_dir}, the model holds {kept}; set "
-            "train.on_divergence: fail to stop the pipeline instead.",
-            file=sys.stderr,
-            flush=True,
-        )
+    for r, (h, what) in enumerate(zip(histories, kept, strict=True)):
+        if h.diverged:
+            who = f"replica {r} (seed {loops[r].params.seed}): " if n > 1 else ""
+            print(
+                f"warning: {who}{h.diverged}\nRecorded as a result (train.on_divergence: record): the curves up to "
+                f"epoch {len(h.epochs)} are in {live_dir}, the model holds {what}; set "
+                "train.on_divergence: fail to stop the pipeline instead.",
+                file=sys.stderr,
+                flush=True,
+            )
     return {**summary, **timings}
