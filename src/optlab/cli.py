@@ -1,5 +1,6 @@
 """The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report), ``optlab gate``
-(the CI regression gate), ``optlab lr-find`` (the learning-rate range test of the experiment in
+(the CI regression gate), ``optlab sweep`` (a grid of experiments on DVC's queue or a Ray cluster),
+``optlab lr-find`` (the learning-rate range test of the experiment in
 params.yaml) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes it).
 User errors print ``error: ...`` and exit 2; a gate that finds a regression exits 1."""
 
@@ -59,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--metric", default=gate.METRIC_KEY, help="the test metric to judge (default: %(default)s)")
     g.add_argument("--repo", default=".", help="the DVC repository (default: .)")
 
+    w = sub.add_parser("sweep", help="run a grid of experiments on DVC's queue here, or on a Ray cluster")
+    w.add_argument(
+        "-S", "--set-param", dest="sets", action="append", default=[], metavar="[<file>:]<key>=<values>",
+        help="as for dvc exp run --queue -S: 'optimizer=adam,sgd', 'seed=range(0,3)' (repeatable)",
+    )  # fmt: skip
+    w.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: DVC's queue on this machine (default); ray: one Ray task per experiment")  # fmt: skip
+    w.add_argument("--address", help="the Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
+    w.add_argument("-j", "--jobs", type=int, default=2, help="local: experiments at a time (default: %(default)s)")
+    w.add_argument("--cpus-per-run", type=int, default=1, help="CPUs (and OPTLAB_THREADS) per experiment (default: 1)")
+    w.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs per experiment (default: 0)")
+    w.add_argument(
+        "--git-remote", default="origin", help="ray: the git remote tasks clone and push to (default: origin)"
+    )
+    w.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost task (default: 2)")
+    w.add_argument("--logs", help="ray: a directory (on a filesystem the nodes share) for each task's log")
+    w.add_argument("--compare", action="store_true", help="then run optlab compare --all-commits on the results")
+    w.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+
     f = sub.add_parser("lr-find", help="the learning-rate range test of the experiment in params.yaml")
     f.add_argument(
         "overrides", nargs="*", help="a variant, as for dvc exp run -S (composed from conf/): optimizer=sgd seed=1"
@@ -87,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "sweep":
+            return _sweep(args)
         if args.command == "lr-find":
             return _lr_find(args)
         if args.command == "params":
@@ -109,6 +131,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptlabError, ParamsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def _sweep(args) -> int:
+    from optlab import sweep
+
+    account = sweep.sweep(
+        args.repo, args.sets, args.executor, args.address, args.jobs, args.cpus_per_run, args.gpus_per_run,
+        args.git_remote, args.retries, args.logs,
+    )  # fmt: skip
+    print(account.table())
+    print(f"{len(account.points)} experiments in {account.seconds:.0f} s: {len(account.failed)} failed")
+    if args.compare:
+        result = compare.compare(args.repo, all_commits=True)
+        print(f"wrote reports/compare.md: {len(result.ranked)} comparable variants")
+    return EXIT_GATE_FAILED if account.failed else 0
 
 
 def _lr_find(args) -> int:
