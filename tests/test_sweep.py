@@ -147,6 +147,16 @@ def test_the_same_sweep_again_trains_nothing(project, cluster, env):
     print(f"\n[record] the same 4-experiment sweep again: {time.perf_counter() - started:.1f} s")
 
 
+def test_the_local_executor_runs_the_grid_on_dvcs_queue_and_not_twice(project):
+    grid = ["optimizer=adam", "seed=range(8,10)"]
+    account = sweep.sweep(project, grid, "local", jobs=2, progress=False)
+    assert [account.status[n] for n, _ in account.points] == ["done", "done"] and not account.failed
+    shown = sh(project, sys.executable, "-m", "dvc", "exp", "show", "--csv")
+    assert all(n in shown for n, _ in account.points)  # the deterministic names, as experiments here
+    again = sweep.sweep(project, grid, "local", progress=False)
+    assert [again.status[n] for n, _ in again.points] == ["already run", "already run"]
+
+
 def test_what_a_cluster_could_not_reproduce_is_refused_before_anything_runs(project, tmp_path, env):
     with pytest.raises(OptlabError, match="expands to no experiment|grid is empty"):
         sweep.grid([])

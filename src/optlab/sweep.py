@@ -36,6 +36,7 @@ from optlab.errors import OptlabError
 EXECUTORS = ("local", "ray")
 PREPARED_STAGES = ("download", "prepare")  # what every point shares: pulled, not recomputed
 LOG_TAIL = 2000  # characters of a failed task's log in the account
+QUEUE_IDLE_S = 120  # queued experiments and no DVC queue worker this long: an error, not a wait
 
 
 # --- the grid ---------------------------------------------------------------------------------
@@ -209,7 +210,9 @@ class Account:
 
     @property
     def failed(self) -> list[str]:
-        return [n for n, _ in self.points if self.status.get(n) not in ("pushed", "already pushed", "done")]
+        return [
+            n for n, _ in self.points if self.status.get(n) not in ("pushed", "already pushed", "already run", "done")
+        ]
 
 
 def sweep(
@@ -244,21 +247,34 @@ def sweep(
 
 def _sweep_local(repo: Path, account: Account, jobs: int, threads: int, progress: bool) -> None:
     """DVC's own queue on this machine."""
-    env = {"OPTLAB_THREADS": str(threads), "DVC_NO_ANALYTICS": "1"}
+    # DVC's queue workers, and the `python` of each stage, from this interpreter's environment
+    # (a venv used without activating it would otherwise leave them to whatever PATH finds).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {"OPTLAB_THREADS": str(threads), "DVC_NO_ANALYTICS": "1", "PATH": path}
     existing = set(_run(_dvc("exp", "list", "--all-commits", "--name-only"), repo).stdout.split())
     todo = []
     for name, overrides in account.points:
         if name in existing:
-            account.status[name] = "already pushed"  # here: an experiment of this repository already
+            account.status[name] = "already run"  # an experiment of this repository already
             continue
         _run(_dvc("exp", "run", "--queue", "--name", name, *[a for o in overrides for a in ("-S", o)]), repo, env)
         todo.append(name)
     if todo:
         _run(_dvc("queue", "start", "-j", str(jobs)), repo, env)
     bar = _bar(len(account.points), progress, initial=len(account.points) - len(todo))
+    idle_since = None
     try:
         while todo:
             status = _queue_status(repo)
+            if status.get("Worker") == "0" and not any(status.get(n) == "Running" for n in todo):
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since > QUEUE_IDLE_S:
+                    raise OptlabError(
+                        f"DVC's queue has {len(todo)} experiments queued and no worker for {QUEUE_IDLE_S} s: see "
+                        "`dvc queue status` and `dvc queue logs <name>`; `dvc queue start -j N` starts workers"
+                    )
+            else:
+                idle_since = None
             for name in list(todo):
                 state = status.get(name)
                 if state in ("Success", "Failed"):
@@ -280,7 +296,9 @@ def _queue_status(repo: Path) -> dict[str, str]:
     status = {}
     for line in out[1:]:
         words = line.split()
-        if len(words) >= 2:
+        if line.startswith("Worker status:") and len(words) >= 3:
+            status["Worker"] = words[2]  # "Worker status: N active, M idle"
+        elif len(words) >= 2:
             status[words[1]] = words[-1]
     return status
 
