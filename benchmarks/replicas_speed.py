@@ -3,11 +3,12 @@
 1. Seconds per epoch of the default experiment with R = 1, 2, 4, 8 replicas in one process (one
    vectorized program on the compiled loop), against R separate processes (one seed each, two at
    a time with OPTLAB_THREADS=1, as `dvc queue start -j 2` runs them): wall time per epoch.
-2. ``--queue``: the wall time of 3 variants x 3 seeds, as 3 experiments with train.replicas=3 and
-   as 9 experiments, each queued with `dvc exp run --queue` and run by `dvc queue start -j 2` in a
-   temporary clone of this repository (DVC's overhead included).
+2. ``--queue``: the wall time of 3 variants x 3 seeds (``--queue-epochs`` epochs each), as 3
+   experiments with train.replicas=3 and as 9 experiments, each queued with `dvc exp run --queue`
+   and run by `dvc queue start -j 2` in a temporary clone of this repository (DVC's overhead
+   included).
 
-    python benchmarks/replicas_speed.py [--epochs 5] [--replicas 1 2 4 8] [--queue]
+    python benchmarks/replicas_speed.py [--epochs 5] [--replicas 1 2 4 8] [--queue [--queue-epochs 10]]
 
 The last line printed is one JSON object. Each row runs in its own process, one after another.
 """
@@ -113,25 +114,28 @@ def queue_wall_time(clone: Path, sweeps: list[list[str]]) -> float:
     return wall
 
 
-def queue_rows() -> dict:
+def queue_rows(epochs: int) -> dict:
     variants = ["optimizer=adam", "optimizer=sgd", "optimizer=rmsprop"]
     with tempfile.TemporaryDirectory() as tmp:
         clone = Path(tmp) / "optlab"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
         subprocess.run([sys.executable, "-m", "dvc", "repro", "-q", "prepare"], cwd=clone, env=env, check=True)
-        as_replicas = queue_wall_time(clone, [["-S", v, "-S", "train.replicas=3"] for v in variants])
+        length = ["-S", f"train.epochs={epochs}"]
+        as_replicas = queue_wall_time(clone, [["-S", v, "-S", "train.replicas=3", *length] for v in variants])
         grid = "optimizer=" + ",".join(v.split("=")[1] for v in variants)
-        as_seeds = queue_wall_time(clone, [["-S", grid, "-S", "seed=range(0,3)"]])
+        as_seeds = queue_wall_time(clone, [["-S", grid, "-S", "seed=range(0,3)", *length]])
         shutil.rmtree(clone, ignore_errors=True)
-    return {"3x3_as_replicas_s": round(as_replicas, 1), "3x3_as_9_experiments_s": round(as_seeds, 1)}
+    return {"queue_epochs": epochs, "3x3_as_replicas_s": round(as_replicas, 1),
+            "3x3_as_9_experiments_s": round(as_seeds, 1)}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5, help="epochs per row (the first one compiles)")
-    ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--replicas", type=int, nargs="*", default=[1, 2, 4, 8], help="none: the queue rows only")
     ap.add_argument("--queue", action="store_true", help="also time 3 variants x 3 seeds through DVC's queue")
+    ap.add_argument("--queue-epochs", type=int, default=10, help="epochs of each queued experiment")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -142,23 +146,26 @@ def main() -> None:
 
     device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}, {os.cpu_count()} cores"
     summary: dict[str, object] = {"device": device}
-    with tempfile.TemporaryDirectory() as tmp:
-        write_data(Path(tmp))
-        data = Path(tmp) / "prepared"
-        print(f"device: {device}; the default experiment on Fashion-MNIST, {args.epochs} epochs per row")
-        print("steady: seconds per epoch once compiled; wall: the whole run / epochs, start-up included")
-        print(f"{'R':>3}{'one program steady':>20}{'per replica':>13}{'R processes steady':>20}{'speed-up':>10}"
-              f"{'one program wall':>18}{'R processes wall':>18}")  # fmt: skip
-        for r in args.replicas:
-            vec, vec_wall = one_process(data, r, args.epochs)
-            sep, sep_wall = separate_processes(data, r, args.epochs)
-            print(f"{r:>3}{vec:>20.3f}{vec / r:>13.3f}{sep:>20.3f}{sep / vec:>9.2f}x{vec_wall:>18.3f}{sep_wall:>18.3f}")
-            summary[f"R{r}"] = {"vectorized_s_per_epoch": round(vec, 4), "separate_s_per_epoch": round(sep, 4),
-                                "vectorized_wall_s_per_epoch": round(vec_wall, 3),
-                                "separate_wall_s_per_epoch": round(sep_wall, 3)}  # fmt: skip
+    if args.replicas:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_data(Path(tmp))
+            data = Path(tmp) / "prepared"
+            print(f"device: {device}; the default experiment on Fashion-MNIST, {args.epochs} epochs per row")
+            print("steady: seconds per epoch once compiled; wall: the whole run / epochs, start-up included")
+            print(f"{'R':>3}{'one program steady':>20}{'per replica':>13}{'R processes steady':>20}{'speed-up':>10}"
+                  f"{'one program wall':>18}{'R processes wall':>18}")  # fmt: skip
+            for r in args.replicas:
+                vec, vec_wall = one_process(data, r, args.epochs)
+                sep, sep_wall = separate_processes(data, r, args.epochs)
+                row = f"{r:>3}{vec:>20.3f}{vec / r:>13.3f}{sep:>20.3f}{sep / vec:>9.2f}x"
+                print(f"{row}{vec_wall:>18.3f}{sep_wall:>18.3f}")
+                summary[f"R{r}"] = {"vectorized_s_per_epoch": round(vec, 4), "separate_s_per_epoch": round(sep, 4),
+                                    "vectorized_wall_s_per_epoch": round(vec_wall, 3),
+                                    "separate_wall_s_per_epoch": round(sep_wall, 3)}  # fmt: skip
     if args.queue:
-        summary |= queue_rows()
-        print(f"3 variants x 3 seeds: {summary['3x3_as_replicas_s']} s as 3 experiments with 3 replicas, "
+        summary |= queue_rows(args.queue_epochs)
+        print(f"3 variants x 3 seeds, {args.queue_epochs} epochs: {summary['3x3_as_replicas_s']} s as 3 experiments "
+              "with 3 replicas, "
               f"{summary['3x3_as_9_experiments_s']} s as 9 experiments (dvc queue start -j 2)")  # fmt: skip
     print(json.dumps(summary))
 
