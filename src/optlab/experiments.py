@@ -231,20 +231,11 @@ def read_at(repo: Path, rev: str, path: str | Path) -> str | None:
 
 def read_curve(repo: Path, rev: str, pipeline: Pipeline) -> list[float]:
     """The per-epoch validation accuracy that dvclive wrote, as committed in ``rev``."""
-    import pandas as pd
-
-    path = artifacts.history_file(pipeline.live_dir, "val_accuracy")
-    text = read_at(repo, rev, path)
-    if text is None:
-        return []
-    table = pd.read_csv(io.StringIO(text), sep="\t")
-    value_cols = [c for c in table.columns if c not in ("step", "timestamp")]
-    if "step" not in table.columns or not value_cols:
-        return []
-    return table.sort_values("step")[value_cols[-1]].astype(float).tolist()
+    return _series_at(repo, rev, artifacts.history_file(pipeline.live_dir, "val_accuracy"))
 
 
 def _series_at(repo: Path, rev: str, path: str) -> list[float]:
+    """A dvclive series (step, value) committed at ``path`` in ``rev``, in step order."""
     import pandas as pd
 
     text = read_at(repo, rev, path)
