@@ -15,7 +15,6 @@ def main(argv=None) -> None:
     p.add_argument("--raw", type=Path, required=True, help="raw data directory: original test images (input)")
     p.add_argument("--data", type=Path, required=True, help="prepared data directory: class names, test labels (input)")
     p.add_argument("--history", type=Path, required=True, help="the train stage's dvclive directory (input)")
-    p.add_argument("--per-class", type=Path, required=True, help="the evaluate stage's per-class table (input)")
     p.add_argument("--predictions", type=Path, required=True, help="test probabilities .npy (input)")
     p.add_argument("--out", type=Path, required=True, help="directory of PNG figures (output)")
     args = p.parse_args(argv)
@@ -27,7 +26,6 @@ def main(argv=None) -> None:
         history=artifacts.read_history(args.history),
         replicas=artifacts.read_replica_histories(args.history),
         diagnostics=artifacts.read_diagnostics(args.history),
-        per_class=artifacts.load_per_class(args.per_class, classes),
         y_test=y_test,
         probabilities=artifacts.load_predictions(args.predictions, len(y_test), len(classes)),
         images=artifacts.raw_test_images(args.raw, y_test),

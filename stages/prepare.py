@@ -1,5 +1,6 @@
-"""DVC stage `prepare`: scale, flatten and split the raw arrays into the training inputs, and
-count images per split and class (see optlab.prepare)."""
+"""DVC stage `prepare`: scale and split the raw arrays into the training inputs, laid out for
+the model (flat pixel vectors for the mlp, images for the cnn), and count images per split and
+class (see optlab.prepare)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def main(argv=None) -> None:
             f"{args.raw} holds {raw.meta.dataset} but {args.params} asks for {params.dataset}; "
             "run `dvc repro` (it re-runs download for the new dataset) instead of this stage alone"
         )
-    prepared = prepare.prepare(raw, params.prepare)
+    prepared = prepare.prepare(raw, params.prepare, flatten=params.flat_input)
     counts = prepare.count_images(prepared)
     with atomic_dir(args.out) as tmp:
         artifacts.save_prepared(prepared, tmp)

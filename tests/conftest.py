@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 # What the evaluate stage writes to its test metrics file.
 TEST_METRIC_KEYS = {"accuracy", "loss", "top_k_accuracy", "f1_macro", "generalization_gap"}
 # What the train stage's dvclive summary holds once the run completed.
-TRAIN_SUMMARY_KEYS = {"trainable_params", "epochs_run", "best_epoch", "train_accuracy", "val_accuracy", "diverged",
+TRAIN_SUMMARY_KEYS = {"trainable_params", "epochs_run", "best_epoch", "val_accuracy", "diverged",
                       "first_epoch_update_ratio", "dead_unit_fraction"}  # fmt: skip
 
 
@@ -189,7 +189,9 @@ def fashion_mnist_prepared(fashion_mnist_files, tmp_path_factory) -> Path:
     finally:
         os.environ.pop("OPTLAB_DATA_DIR") if previous is None else os.environ.update(OPTLAB_DATA_DIR=previous)
     params = load_params(REPO / "params.yaml")
-    artifacts.save_prepared(prepare.prepare(artifacts.load_raw(raw_dir), params.prepare), out)
+    artifacts.save_prepared(
+        prepare.prepare(artifacts.load_raw(raw_dir), params.prepare, flatten=params.flat_input), out
+    )
     return out
 
 

@@ -44,7 +44,7 @@ FAKE_TRAIN = textwrap.dedent(
         with open(f"{live}/plots/metrics/{split}/{name}.tsv", "w") as f:
             f.write(f"step\\t{name}\\n" + "".join(f"{i}\\t{v}\\n" for i, v in enumerate(values)))
     spe = 0.5 * (1 + hidden[0] / 64)
-    json.dump({"trainable_params": params, "epochs_run": epochs, "best_epoch": epochs, "train_accuracy": best + 0.02,
+    json.dump({"trainable_params": params, "epochs_run": epochs, "best_epoch": epochs,
                "val_accuracy": best, "diverged": 0}, open(f"{live}/metrics.json", "w"))
     json.dump({"timings": {"train_seconds": spe * epochs, "seconds_per_epoch": spe}}, open(f"{live}/run.json", "w"))
     """
@@ -377,8 +377,8 @@ PIPELINE = Pipeline(
 
 
 def _state(seed: int, history_hash: str) -> dict:
-    """One `dvc exp show --json` state, shaped like optlab's pipeline: plot depends on the
-    history inside train's dvclive directory, whose hash differs on every run."""
+    """One `dvc exp show --json` state, shaped like optlab's pipeline: evaluate and plot depend on
+    train's dvclive directory, whose hash differs on every run."""
     return {
         "rev": f"rev{seed}",
         "name": f"exp{seed}",
@@ -388,9 +388,9 @@ def _state(seed: int, history_hash: str) -> dict:
             "deps": {
                 "src/optlab/train.py": {"hash": "code1"},
                 "data/prepared": {"hash": "data1"},
-                "metrics/train/plots/metrics": {"hash": history_hash},
+                "metrics/train": {"hash": history_hash},
             },
-            "outs": {"metrics/train": {"hash": history_hash + "dir"}, "models/model.keras": {"hash": "m"}},
+            "outs": {"metrics/train": {"hash": history_hash}, "models/model.keras": {"hash": "m"}},
         },
     }
 
@@ -411,6 +411,19 @@ def test_the_report_states_the_threshold_it_was_given(project, tmp_path):
 
 
 # --- the params in use ---------------------------------------------------------------------
+def test_a_knob_set_to_its_default_is_the_same_variant_as_one_left_out():
+    # -S +train.keep_best=false writes the default into params.yaml; leaving it out means the same.
+    base = {"optimizer.name": "adam", "optimizer.learning_rate": 0.001, "schedule.name": "constant"}
+    flats = [{**base, "seed": 0}, {**base, "seed": 1, "train.keep_best": False, "optimizer.beta_1": 0.9},
+             {**base, "seed": 2, "train.keep_best": True}]  # fmt: skip
+    runs = [
+        experiments.Run(f"r{i}", f"r{i}", experiments.with_defaults(f), {"accuracy": 0.8}) for i, f in enumerate(flats)
+    ]
+    groups = group_runs(runs)
+    assert [len(g.runs) for g in groups] == [2, 1]
+    assert groups[1].params["train.keep_best"] is True and groups[0].params["optimizer.beta_2"] == 0.999
+
+
 def test_knobs_of_an_optimizer_not_in_use_do_not_split_a_variant():
     # The older layout kept every optimizer's knobs: sgd's learning rate is not adam's variant.
     legacy = {"optimizer": "adam", "optim.adam.learning_rate": 0.001, "schedule": "constant", "sched.step.factor": 0.5}

@@ -72,6 +72,18 @@ def test_confusion_matrix_and_most_confused_pair():
     assert metrics.most_confused(np.eye(3, dtype=int), CLASSES) == []
 
 
+def test_f1_by_class_from_the_confusion_matrix_equals_sklearns():
+    # The plot stage's NumPy F1 (no scikit-learn import there) is the evaluate stage's.
+    rng = np.random.default_rng(1)
+    y_true, y_pred = rng.integers(0, 6, 400), rng.integers(0, 6, 400)
+    y_pred[y_pred == 5] = 4  # class 5 never predicted: F1 0 by the same zero-division rule
+    names = [f"c{i}" for i in range(6)]
+    ours = metrics.f1_by_class(metrics.confusion(y_true, y_pred, 6), names)
+    theirs = {name: row["f1"] for name, row in metrics.per_class(y_true, y_pred, names).items()}
+    assert ours == pytest.approx(theirs, abs=1e-12) and ours["c5"] == 0.0
+    assert metrics.f1_by_class(np.zeros((2, 2), dtype=int), ["a", "b"]) == {"a": 0.0, "b": 0.0}
+
+
 def test_confusion_counts_equal_sklearns():
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.integers(0, 7, 500), rng.integers(0, 7, 500)

@@ -63,6 +63,25 @@ def test_every_optimizer_trains_through_both_loops_and_resumes_exactly(name, dig
             np.testing.assert_array_equal(a, b, err_msg=f"{name} on the {loop_name} loop resumed elsewhere")
 
 
+def test_knobs_conf_leaves_out_are_kerass_own_defaults():
+    # conf/optimizer/adam.yaml lists no betas because the schema's defaults are Keras's: checked
+    # against each optimizer's signature, so a Keras release that changes one fails here.
+    import inspect
+
+    from optlab.params import GROUPS
+
+    checked = 0
+    for name, schema in GROUPS["optimizer"].items():
+        signature = inspect.signature(optim.OPTIMIZERS[name])
+        for knob, field in schema.model_fields.items():
+            if not field.is_required():
+                assert signature.parameters[knob].default == field.default, (name, knob)
+                checked += 1
+    assert checked >= 13  # the betas of adam, adamw, nadam, adamax, lamb, lion, schedule-free
+    cosine = inspect.signature(keras.optimizers.schedules.CosineDecay).parameters["alpha"].default
+    assert cosine == GROUPS["schedule"]["cosine"].model_fields["alpha"].default == 0.0
+
+
 def test_an_unknown_optimizer_lists_every_choice_with_a_suggestion():
     with pytest.raises(ParamsError) as err:
         validate_params(repo_params(**{"optimizer.name": "lamp"}))

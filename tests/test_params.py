@@ -55,8 +55,8 @@ def test_a_knob_of_another_optimizer_is_refused_by_hydra_and_by_optlab():
         load_variant(REPO, ["optimizer=adamm"])
     assert all(name in str(err.value) for name in OPTIMIZER_NAMES)  # Hydra lists the options
     # params.yaml edited by hand: the name changed, the knobs did not.
-    raw = repo_params()
-    raw["optimizer"]["name"] = "sgd"
+    raw = repo_params(**{"optimizer.beta_1": 0.95})
+    raw["optimizer"] |= {"name": "sgd", "momentum": 0.9, "nesterov": False}
     with pytest.raises(ParamsError) as err:
         validate_params(raw)
     assert "optimizer.beta_1: unknown key" in str(err.value) and "switch with -S optimizer=<name>" in str(err.value)
@@ -160,15 +160,31 @@ def _fields(model, prefix=""):
             yield f"{prefix}{name}", field
 
 
-def test_conf_is_the_one_place_experiment_values_live():
-    # The schema holds types and ranges, no values: a key missing from params.yaml is an error,
-    # never a silent default that runs another experiment. The values are in conf/ only.
-    schemas = [("", Params)] + [(f"{g}.", m) for g, members in GROUPS.items() for m in members.values()]
-    with_defaults = [
-        key for prefix, schema in schemas for key, field in _fields(schema, prefix) if not field.is_required()
-    ]
-    assert with_defaults == [], f"schema defaults for experiment keys: {with_defaults}"
+def _conf_keys(flat_params: dict) -> set[str]:
+    from optlab.experiments import flatten
+
+    return set(flatten(flat_params))
+
+
+def test_every_value_lives_in_one_place_conf_or_the_schema():
+    # A knob conf/ lists has no schema default (a params.yaml that lacks it is refused: never a
+    # silent default that runs another experiment); a knob with a schema default is not in conf/
+    # (so it is not a `dvc exp show` column until a run sets it with -S +key=value).
+    from optlab.params import defaulted_knobs
+
+    for group, members in GROUPS.items():
+        for name, schema in members.items():
+            raw = repo_params(**{group: name})
+            listed = {k for k in _conf_keys(raw) if k.startswith(f"{group}.")}
+            required = {f"{group}.{k}" for k, f in schema.model_fields.items() if f.is_required()}
+            assert listed == required, (group, name, listed ^ required)
     raw = repo_params()
+    required = {key for key, field in _fields(Params) if field.is_required()} - set(GROUPS)
+    listed = {k for k in _conf_keys(raw) if k.split(".")[0] not in GROUPS}
+    assert listed == required, listed ^ required
+    defaults = defaulted_knobs(_conf_keys_values(raw))
+    assert not set(defaults) & _conf_keys(raw)
+    assert defaults["train.keep_best"] is False and defaults["optimizer.beta_2"] == 0.999
     del raw["train"]["epochs"]
     with pytest.raises(ParamsError, match="train.epochs: Field required"):
         validate_params(raw)
@@ -176,3 +192,30 @@ def test_conf_is_the_one_place_experiment_values_live():
     del raw["schedule"]["min_lr"]
     with pytest.raises(ParamsError, match="schedule.min_lr: Field required"):
         validate_params(raw)
+
+
+def _conf_keys_values(raw: dict) -> dict:
+    from optlab.experiments import flatten
+
+    return flatten(raw)
+
+
+def test_a_knob_left_to_its_default_is_set_with_plus_and_listed_by_optlab_params(tmp_path):
+    # Hydra refuses a key conf/ does not list unless it is added with `+`; then it is in params.yaml.
+    with pytest.raises(ParamsError, match=r"\+train.keep_best=true"):
+        load_variant(REPO, ["train.keep_best=true"])
+    p = load_variant(REPO, ["+train.keep_best=true", "+optimizer.beta_2=0.99", "+prepare.scale=zero_one"])
+    assert (p.train.keep_best, p.optimizer.beta_2, p.prepare.scale) == (True, 0.99, "zero_one")
+    assert (p.train.on_divergence, p.evaluate.top_k) == ("record", 3)  # the others: their defaults
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(REPO / "conf", tmp_path / "conf")
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    out = subprocess.run([sys.executable, "-m", "optlab.cli", "params", "--all", "--repo", str(tmp_path)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "train.keep_best" in out and "-S +<key>=<value>" in out and "optimizer.beta_1" in out, out
+    assert "train.epochs" not in out  # in params.yaml, not left to a default

@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -130,7 +129,8 @@ def test_test_set_figures(tmp_path, n_classes, channels):
     classes, y, probs, images = fake_test_set(n_classes, n=5 * n_classes, channels=channels)
     cm = metrics.confusion(y, probs.argmax(axis=1), n_classes)
     plotting.confusion_matrix(cm, classes, tmp_path / "confusion_matrix.png")
-    plotting.per_class_f1(metrics.per_class(y, probs.argmax(axis=1), classes), tmp_path / "per_class_f1.png")
+    f1 = {name: row["f1"] for name, row in metrics.per_class(y, probs.argmax(axis=1), classes).items()}
+    plotting.per_class_f1(f1, tmp_path / "per_class_f1.png")
     plotting.confused_images(images, y, probs, classes, 16, tmp_path / "confused_images.png")
     for name in FIGURES[2:5]:
         assert_png(tmp_path / name)
@@ -198,10 +198,6 @@ def write_stage_inputs(root: Path, n_classes: int, channels: int) -> None:
     save_prepared(PreparedData(splits, meta), root / "data/prepared")
     np.save(root / "data" / "predictions.npy", probs)
     write_history(root / "metrics" / "train")
-    per_class = metrics.per_class(y, probs.argmax(axis=1), classes)
-    pd.DataFrame([{"class": c, **row} for c, row in per_class.items()]).to_csv(
-        root / "metrics/per_class.csv", index=False
-    )
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["plot"]["confused_images"] = 9
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -211,10 +211,10 @@ def test_split_says_how_large_val_fraction_must_be():
 
 
 # --- prepare() -----------------------------------------------------------------------------
-@pytest.mark.parametrize("flatten", [True, False])
+@pytest.mark.parametrize("flatten", [True, False])  # the mlp's layout, the cnn's
 def test_prepare_shapes_dtypes_and_untouched_test_set(flatten):
     raw = make_raw_arrays(image_shape=(5, 4, 3))
-    prepared = prepare(raw, prep(flatten=flatten, val_fraction=0.25))
+    prepared = prepare(raw, prep(val_fraction=0.25), flatten=flatten)
     a = {f"{xy}_{name}": getattr(split, xy) for name, split in prepared.splits.items() for xy in "xy"}
     image = (60,) if flatten else (5, 4, 3)
     assert a["x_train"].shape == (75, *image) and a["x_val"].shape == (25, *image)
@@ -339,7 +339,7 @@ def test_stage_refuses_val_fraction_out_of_range(val_fraction, tmp_path, stage_m
 def test_stage_suggests_the_key_meant_by_a_typo(tmp_path):
     root = pipeline_dir(tmp_path)
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["prepare"]["val_fracton"] = params["prepare"].pop("val_fraction")
+    params["prepare"]["val_fracton"] = 0.2  # as -S +prepare.val_fracton=0.2 would add it
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     result = run_subprocess(root)  # through the script's own exit path
     assert result.returncode == EXIT_USER_ERROR

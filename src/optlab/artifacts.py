@@ -530,22 +530,6 @@ def save_evaluation(
     write_json(metrics_path, ev.metrics)
 
 
-def load_per_class(path: str | Path, classes: Sequence[str]) -> dict[str, dict[str, float]]:
-    """The evaluate stage's per-class table: class name -> precision, recall, f1, support."""
-    import pandas as pd
-
-    path = Path(path)
-    if not path.is_file():
-        raise OptlabError(f"{path} not found; run `dvc repro evaluate`")
-    table = pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
-    if tuple(table.columns) != PER_CLASS_COLUMNS or list(table["class"]) != list(classes):
-        raise OptlabError(
-            f"{path} is not the per-class table of this data (columns {', '.join(PER_CLASS_COLUMNS)}, one row per "
-            "class in order); run `dvc repro evaluate`"
-        )
-    return {row.pop("class"): row for row in table.to_dict("records")}
-
-
 def load_predictions(path: str | Path, n: int, n_classes: int) -> np.ndarray:
     probs = _load_npy(Path(path), "evaluate")
     if probs.shape != (n, n_classes):

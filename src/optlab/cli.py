@@ -7,6 +7,7 @@ User errors print ``error: ...`` and exit 2; a gate that finds a regression exit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -101,7 +102,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     c.add_argument("overrides", nargs="*", help="Hydra overrides, as for dvc exp run -S: optimizer=sgd seed=3")
     c.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    c.add_argument(
+        "--all",
+        action="store_true",
+        help="also list every knob params.yaml leaves at its default, and how to set one (-S +key=value)",
+    )
     return p
+
+
+def _defaults_listing(params_file) -> str:
+    """The knobs ``params_file`` leaves to the schema's defaults, one per line, as -S would set them."""
+    from optlab.experiments import flatten
+    from optlab.params import defaulted_knobs, read_raw
+
+    knobs = defaulted_knobs(flatten(read_raw(params_file)))
+    width = max(map(len, knobs), default=0)
+    lines = [f"  {key:<{width}}  {json.dumps(value)}" for key, value in knobs.items()]
+    return "\n".join(
+        [
+            f"{len(knobs)} more knobs take their default (not in params.yaml, so not dvc exp show columns);",
+            "set one for a run with: dvc exp run -S +<key>=<value>   (e.g. -S +train.keep_best=true)",
+            *lines,
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -117,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = compose(args.repo, overrides=tuple(args.overrides))
             load_params(written)  # what the stages will check first
             print(f"wrote {written} from conf/" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+            if args.all:
+                print(_defaults_listing(written))
             return 0
         if args.command == "compare":
             result = compare.compare(args.repo, args.out, args.baseline, args.all_commits, args.threshold, args.metric)

@@ -8,7 +8,8 @@ data and code) form one *variant*: a :class:`Group`.
 Only the params in use count: the knobs of the chosen optimizer and schedule. optlab's
 ``params.yaml`` holds no others (``conf/`` composes the chosen ones in); experiments made with
 the older layout, which kept every optimizer's knobs (``optim.<name>.*``, ``sched.<name>.*``),
-have the unselected blocks dropped when they are read.
+have the unselected blocks dropped when they are read. A knob a run's ``params.yaml`` leaves out
+takes the schema's default, so setting it to its default changes nothing.
 """
 
 from __future__ import annotations
@@ -126,6 +127,15 @@ def in_use(flat: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if not unused(k)}
 
 
+def with_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    """``flat`` with every knob it leaves to the schema's default (``-S +train.keep_best=false``
+    and leaving it out are one variant). The defaults are today's: a run whose code had others
+    differs in its code hash anyway, so it is never pooled."""
+    from optlab.params import defaulted_knobs
+
+    return {**flat, **defaulted_knobs(flat)}
+
+
 def choice(params: dict[str, Any], group: str) -> Any:
     """The option of ``group`` a run chose: ``optimizer.name`` (conf/ layout) or ``optimizer``."""
     return params.get(f"{group}.name", params.get(group))
@@ -200,7 +210,7 @@ def run_from_state(state: dict[str, Any], pipeline: Pipeline, curve: Sequence[fl
     return Run(
         rev=state["rev"],
         name=state.get("name") or state["rev"][:7],
-        params=in_use(flatten(params)),
+        params=with_defaults(in_use(flatten(params))),
         metrics=metrics,
         trainable_params=_number_or_none(summary.get("trainable_params")),
         seconds_per_epoch=seconds_per_epoch,
@@ -286,12 +296,19 @@ def read_seconds_per_epoch(repo: Path, rev: str, pipeline: Pipeline) -> float | 
 
 
 def read_choice_defaults(repo: Path, rev: str, params: dict[str, Any], conf_dir: str = "conf") -> dict[str, Any]:
-    """The knobs conf/ gave each chosen group option at ``rev`` (flattened: optimizer.momentum)."""
+    """The knobs each chosen group option has unless a run sets them (flattened:
+    optimizer.momentum): the ones its conf/ file gave at ``rev``, and the schema's defaults of
+    the others (adam's betas)."""
     import yaml
+
+    from optlab.params import GROUPS
 
     defaults: dict[str, Any] = {}
     for group in CHOICES:
         name = params.get(f"{group}.name")
+        schema = GROUPS.get(group, {}).get(name) if isinstance(name, str) else None
+        if schema is not None:
+            defaults.update({f"{group}.{k}": f.default for k, f in schema.model_fields.items() if not f.is_required()})
         text = read_at(repo, rev, f"{conf_dir}/{group}/{name}.yaml") if isinstance(name, str) else None
         if text:
             with contextlib.suppress(yaml.YAMLError, AttributeError):

@@ -84,6 +84,15 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndar
     return np.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def f1_by_class(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """Each class's F1 from a :func:`confusion` matrix, 0 where it is undefined (as
+    :func:`per_class` scores it): NumPy only, for the plot stage (see :func:`confusion`)."""
+    hits = np.diag(cm).astype(np.float64)
+    both = cm.sum(axis=0) + cm.sum(axis=1)  # predicted + actual: F1 = 2 hits / both
+    f1s = np.divide(2 * hits, both, out=np.zeros_like(hits), where=both > 0)
+    return {name: float(f) for name, f in zip(class_names, f1s, strict=True)}
+
+
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
     """Precision, recall, F1 and support of every class, keyed by class name.
 

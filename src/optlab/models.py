@@ -85,8 +85,8 @@ def build_cnn(input_shape: Sequence[int], n_classes: int, p: ModelParams, seed: 
     if len(input_shape) != 3:
         raise OptlabError(
             f"model.name 'cnn' needs images shaped (height, width, channels), but the prepared data "
-            f"is flat {tuple(input_shape)}; set prepare.flatten: false (e.g. dvc exp run "
-            f"-S model.name=cnn -S prepare.flatten=false)"
+            f"is flat {tuple(input_shape)}, prepared for the mlp; run the prepare stage again for the cnn "
+            f"(`dvc repro` or `dvc exp run -S model.name=cnn` does: prepare reads model.name)"
         )
     height, width, channels = input_shape
     if min(height, width) < 2 ** len(p.conv_filters):

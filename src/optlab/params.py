@@ -6,10 +6,19 @@ any model is built, with a message that names the key and says what to write ins
 
 ``params.yaml`` is the experiment that runs. ``dvc exp run`` composes it from ``conf/`` (DVC's
 Hydra composition: ``conf/config.yaml`` plus the chosen file of each group, ``conf/optimizer/``
-and ``conf/schedule/``), so it holds the knobs of the chosen optimizer and schedule only. The
-values live in ``conf/`` and nowhere else: the schema here has types and ranges but no defaults,
-so a file that lacks a key is refused by name instead of silently running another experiment
-(a test keeps it that way, and another that ``params.yaml`` is what ``conf/`` composes to).
+and ``conf/schedule/``), so it holds the knobs of the chosen optimizer and schedule only.
+
+Every value lives in exactly one place (a test keeps it so):
+
+- the knobs a study varies (the optimizer and its rate, the schedule, the architecture and its
+  regularization, epochs, batch size, seeds) are in ``conf/``, so they are in ``params.yaml`` and
+  are the columns of ``dvc exp show``. The schema gives them no default: a file that lacks one is
+  refused by name instead of silently running another experiment;
+- the knobs of *how* a run goes (data scaling and split, initializer, early stopping, clipping,
+  backend, diagnostics, what is plotted) and Keras's own defaults of an optimizer have their
+  default here, in the schema, and are not in ``conf/``. ``dvc exp run -S +train.keep_best=true``
+  sets one (Hydra's ``+`` adds a key): it is then in that experiment's ``params.yaml``, DVC tracks
+  it, and ``dvc exp show`` has its column. ``optlab params --all`` lists them with their defaults.
 
 No Keras import here: the registries' *names* are listed below and a test checks that they
 match the dicts in ``models.py`` and ``optim.py``.
@@ -25,7 +34,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "cifar100", "digits")
-MODEL_NAMES = ("mlp", "cnn")
+# Each model and whether it takes flat pixel vectors (the prepare stage lays the images out for
+# model.name: no separate knob to forget).
+FLAT_INPUT = {"mlp": True, "cnn": False}
+MODEL_NAMES = tuple(FLAT_INPUT)
 
 
 class ParamsError(ValueError):
@@ -43,10 +55,11 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]
 
 # --- prepare -------------------------------------------------------------------------------
 class PrepareParams(Section):
-    scale: Literal["minus_one_one", "zero_one", "standardize"]
-    flatten: bool
-    val_fraction: Annotated[float, Field(gt=0, lt=1)]
-    seed: Annotated[int, Field(ge=0)]  # the train/validation split's seed, apart from `seed`
+    # per channel, with the training split's statistics
+    scale: Literal["minus_one_one", "zero_one", "standardize"] = "minus_one_one"
+    # a stratified slice of the training set; the test set is never used to choose
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed: Annotated[int, Field(ge=0)] = 0  # the train/validation split's seed, apart from `seed`
 
 
 # --- model ---------------------------------------------------------------------------------
@@ -57,9 +70,10 @@ class ModelParams(Section):
     batch_norm: bool  # placed before the activation (report 004's best placement)
     dropout: Fraction  # after every hidden layer
     l2: Annotated[float, Field(ge=0)]  # kernel penalty per weight
-    initializer: Literal["he_normal", "glorot_uniform"]
-    conv_filters: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=5)]
-    augment: bool  # random shifts (and flips for colour images); cnn only, training only
+    initializer: Literal["he_normal", "glorot_uniform"] = "glorot_uniform"
+    # cnn only: one conv block (conv, conv, max-pool) per entry
+    conv_filters: Annotated[list[Annotated[int, Field(ge=1, le=1024)]], Field(min_length=1, max_length=5)] = [32, 64]
+    augment: bool = False  # random shifts (and flips for colour images); cnn only, training only
 
     @field_validator("name")
     @classmethod
@@ -81,8 +95,8 @@ class Optimizer(Choice):
 
 class AdamParams(Optimizer):
     name: Literal["adam"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
 
 
 class SGDParams(Optimizer):
@@ -100,20 +114,20 @@ class RMSpropParams(Optimizer):
 class AdamWParams(Optimizer):
     name: Literal["adamw"]
     weight_decay: Annotated[float, Field(ge=0)]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
 
 
 class NadamParams(Optimizer):
     name: Literal["nadam"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
 
 
 class AdamaxParams(Optimizer):
     name: Literal["adamax"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
 
 
 class AdagradParams(Optimizer):
@@ -128,15 +142,15 @@ class AdadeltaParams(Optimizer):
 
 class LionParams(Optimizer):
     name: Literal["lion"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.99
     weight_decay: Annotated[float, Field(ge=0)]
 
 
 class LambParams(Optimizer):
     name: Literal["lamb"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
 
 
 class AdafactorParams(Optimizer):
@@ -160,8 +174,8 @@ class MuonParams(Optimizer):
 
 class ScheduleFreeAdamWParams(Optimizer):
     name: Literal["schedule_free_adamw"]
-    beta_1: Fraction
-    beta_2: Fraction
+    beta_1: Fraction = 0.9  # Keras\'s defaults
+    beta_2: Fraction = 0.999
     weight_decay: Annotated[float, Field(ge=0)]
     warmup_epochs: Annotated[float, Field(ge=0)]  # its own linear warm-up, in epochs (Keras: warmup_steps)
 
@@ -190,13 +204,13 @@ class ExponentialParams(Choice):
 
 class CosineParams(Choice):
     name: Literal["cosine"]
-    alpha: Fraction  # final rate as a fraction of the initial one
+    alpha: Fraction = 0.0  # final rate as a fraction of the initial one (Keras\'s CosineDecay default)
 
 
 class WarmupCosineParams(Choice):
     name: Literal["warmup_cosine"]
     warmup_epochs: Annotated[float, Field(gt=0)]  # linear ramp from ~0 to the optimizer's rate
-    alpha: Fraction
+    alpha: Fraction = 0.0
 
 
 class PlateauParams(Choice):
@@ -234,26 +248,26 @@ class TrainParams(Section):
     replicas: Annotated[int, Field(ge=1, le=64)]
     # auto: the fastest on this machine, by a rule optlab.backend.choose_engine documents and
     # run.json records; results differ slightly between backends.
-    backend: Literal["auto", "jax", "tensorflow"]
-    loop: Literal["auto", "compiled", "keras"]  # compiled: one XLA program per epoch (jax only)
+    backend: Literal["auto", "jax", "tensorflow"] = "auto"
+    loop: Literal["auto", "compiled", "keras"] = "auto"  # compiled: one XLA program per epoch (jax only)
     # Keras's EarlyStopping: stop after this many epochs without a better `monitor` (0: off).
-    early_stopping: Annotated[int, Field(ge=0)]
+    early_stopping: Annotated[int, Field(ge=0)] = 0
     # "The last epoch is not always the best" (report 004): save the best epoch's weights by
     # `monitor` as the model, not the last ones (what EarlyStopping's restore_best_weights and
     # ModelCheckpoint(save_best_only) do between them).
-    keep_best: bool
-    monitor: Literal["val_accuracy", "val_loss"]  # what early stopping, keep_best and best_epoch watch
-    tensorboard: bool
+    keep_best: bool = False
+    monitor: Literal["val_accuracy", "val_loss"] = "val_accuracy"  # what early stopping, keep_best and best_epoch watch
+    tensorboard: bool = False  # also write TensorBoard logs to logs/ (not tracked by DVC)
     # A diverged run (loss NaN, infinite or far worse than chance) is a result (record: its
     # curves and last finite model are kept, the metrics say so, the stage exits 0) or an error.
-    on_divergence: Literal["record", "fail"]
+    on_divergence: Literal["record", "fail"] = "record"
     # Per-layer gradient norms, update/weight ratios and dead ReLU units each epoch (compiled loop).
-    diagnostics: bool
+    diagnostics: bool = True
     # Gradient clipping, whatever the optimizer (0: off): Keras's global_clipnorm (the L2 norm of
     # all gradients together) and clipvalue (each gradient entry into [-v, v]), applied inside
     # the optimizer's step, so both loops clip alike.
-    clip_global_norm: Annotated[float, Field(ge=0)]
-    clip_value: Annotated[float, Field(ge=0)]
+    clip_global_norm: Annotated[float, Field(ge=0)] = 0.0
+    clip_value: Annotated[float, Field(ge=0)] = 0.0
 
     @model_validator(mode="after")
     def _loop_needs_jax(self) -> TrainParams:
@@ -266,11 +280,11 @@ class TrainParams(Section):
 
 
 class EvaluateParams(Section):
-    top_k: Annotated[int, Field(ge=1)]
+    top_k: Annotated[int, Field(ge=1)] = 3
 
 
 class PlotParams(Section):
-    confused_images: Annotated[int, Field(ge=1, le=100)]  # test images in the confusion grid
+    confused_images: Annotated[int, Field(ge=1, le=100)] = 16  # test images in the confusion grid
 
 
 class Params(Section):
@@ -278,16 +292,22 @@ class Params(Section):
     schedule: AnySchedule
     dataset: str
     seed: Annotated[int, Field(ge=0)]  # weights, dropout masks and batch order
-    prepare: PrepareParams
+    prepare: PrepareParams = PrepareParams()
     model: ModelParams
     train: TrainParams
-    evaluate: EvaluateParams
-    plot: PlotParams
+    evaluate: EvaluateParams = EvaluateParams()
+    plot: PlotParams = PlotParams()
 
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, v: str) -> str:
         return _choice(v, DATASET_NAMES, "dataset")
+
+    @property
+    def flat_input(self) -> bool:
+        """Whether the model takes flat pixel vectors (the MLP) or images (the CNN): how the prepare
+        stage lays the data out."""
+        return FLAT_INPUT[self.model.name]
 
     @model_validator(mode="after")
     def _schedule_free_has_no_schedule(self) -> Params:
@@ -298,6 +318,28 @@ class Params(Section):
                 f"{self.schedule.name}; warm it up with -S optimizer.warmup_epochs=<epochs>"
             )
         return self
+
+
+def defaulted_knobs(flat: dict[str, Any]) -> dict[str, Any]:
+    """The knobs ``flat`` (a params.yaml flattened to dotted keys) does not set, with the value the
+    schema gives them: every knob with a default, of the top-level sections and of the chosen
+    optimizer and schedule. ``params.yaml`` plus these is the whole experiment."""
+    found: dict[str, Any] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+            elif not field.is_required():
+                found[f"{prefix}{name}"] = field.get_default(call_default_factory=True)
+
+    walk(Params, "")
+    for group, members in GROUPS.items():
+        chosen = flat.get(f"{group}.name")
+        if isinstance(chosen, str) and chosen in members:
+            walk(members[chosen], f"{group}.")
+    return {k: v for k, v in found.items() if k not in flat}
 
 
 def _choice(value: Any, choices: tuple[str, ...], key: str) -> str:

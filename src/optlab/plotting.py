@@ -187,9 +187,10 @@ def _f1_rows(f1: Mapping[str, float]) -> list[tuple[str, float | None]]:
     return ranked[:SHOWN_EXTREMES] + [(f"... {hidden} classes not shown ...", None)] + ranked[-SHOWN_EXTREMES:]
 
 
-def per_class_f1(per_class: Mapping[str, Mapping[str, float]], path: str | Path) -> None:
-    """F1 of each class as sorted bars, best at the top, against the macro average (their mean)."""
-    f1 = {name: float(row["f1"]) for name, row in per_class.items()}
+def per_class_f1(f1: Mapping[str, float], path: str | Path) -> None:
+    """F1 of each class (class name -> F1) as sorted bars, best at the top, against the macro
+    average (their mean)."""
+    f1 = {name: float(value) for name, value in f1.items()}
     macro_f1 = float(np.mean(list(f1.values())))
     rows = _f1_rows(f1)
     fig = _figure(8, 0.28 * len(rows) + 1.9)
@@ -272,7 +273,6 @@ class Figures:
     history: pd.DataFrame  # per epoch, from optlab.artifacts.read_history (with replicas, their mean)
     replicas: Sequence[pd.DataFrame]  # each replica's history (read_replica_histories; empty for one)
     diagnostics: Mapping[str, pd.DataFrame]  # from optlab.artifacts.read_diagnostics (may be empty)
-    per_class: Mapping[str, Mapping[str, float]]  # from optlab.artifacts.load_per_class
     y_test: np.ndarray
     probabilities: np.ndarray  # (test images, classes)
     images: np.ndarray  # the original test images, uint8 (N, H, W, C)
@@ -286,7 +286,7 @@ class Figures:
             "learning_rate.png": lambda path: learning_rate(self.history, path),
             "gradients.png": lambda path: gradients(self.diagnostics, path),
             "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),
-            "per_class_f1.png": lambda path: per_class_f1(self.per_class, path),
+            "per_class_f1.png": lambda path: per_class_f1(metrics.f1_by_class(cm, self.classes), path),
             "confused_images.png": lambda path: confused_images(
                 self.images, self.y_test, self.probabilities, self.classes, params.confused_images, path
             ),

@@ -153,9 +153,10 @@ def stratified_split(
 
 
 # --- the stage's work ----------------------------------------------------------------------
-def prepare(raw: RawData, params: PrepareParams) -> PreparedData:
+def prepare(raw: RawData, params: PrepareParams, flatten: bool = True) -> PreparedData:
     """Split the training set, scale every split with statistics of the training split alone,
-    and flatten if asked."""
+    and flatten the images into pixel vectors if ``flatten`` (what the model takes:
+    :attr:`optlab.params.Params.flat_input`)."""
     classes = list(raw.meta.classes)
     train_rows, val_rows = stratified_split(raw.y_train, params.val_fraction, params.seed, classes)
     # Statistics after the validation split is removed, so nothing about val or test leaks in.
@@ -166,7 +167,7 @@ def prepare(raw: RawData, params: PrepareParams) -> PreparedData:
     for split, (x, y, rows) in sources.items():
         images = scale(x, params.scale, stats, rows)
         splits[split] = Split(
-            x=images.reshape(len(images), -1) if params.flatten else images,  # a view
+            x=images.reshape(len(images), -1) if flatten else images,  # a view
             y=np.asarray(y if rows is None else y[rows], dtype=np.int32),
         )
     meta = PreparedMeta(
@@ -174,7 +175,7 @@ def prepare(raw: RawData, params: PrepareParams) -> PreparedData:
         classes=classes,
         image_shape=raw.meta.image_shape,
         scale=params.scale,
-        flatten=params.flatten,
+        flatten=flatten,
         val_fraction=params.val_fraction,
         split_seed=params.seed,
         **(stats or {}),

@@ -251,7 +251,7 @@ def run(
     if params.train.diagnostics and lead.choice.loop != "compiled":
         print(
             f"note: no backprop diagnostics on train.loop {lead.choice.loop} (they are computed inside the compiled "
-            "epoch); train with -S train.backend=jax -S train.loop=compiled to get them",
+            "epoch); train with -S +train.backend=jax -S +train.loop=compiled to get them",
             flush=True,
         )
     info = {**run_info(params, lead.choice, fingerprint), "replica_seeds": [lp.params.seed for lp in loops]}
@@ -306,7 +306,8 @@ def run(
             # Measured on the models saved, in inference mode (report 003's warning): the running
             # averages Keras logs per epoch are curves in the history, not these. With replicas,
             # each figure is their mean (replicas.json has each replica's).
-            **{k: _mean([e[k] for e in each]) for k in ("epochs_run", "best_epoch", "train_accuracy", "val_accuracy")},
+            # (Training accuracy is in replicas.json: the test metrics' generalization gap holds it.)
+            **{k: _mean([e[k] for e in each]) for k in ("epochs_run", "best_epoch", "val_accuracy")},
             "diverged": sum(e["diverged"] for e in each),  # how many replicas diverged
             **({"diverged_epoch": min(e["diverged_epoch"] for e in each if e["diverged"])} if any(kept) else {}),
             **{
