@@ -40,7 +40,8 @@ def write_data(directory: Path) -> None:
     artifacts.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
     params = load_params(REPO / "params.yaml")
     (directory / "prepared").mkdir()
-    artifacts.save_prepared(prepare(artifacts.load_raw(directory / "raw"), params.prepare), directory / "prepared")
+    raw = artifacts.load_raw(directory / "raw")
+    artifacts.save_prepared(prepare(raw, params.prepare, flatten=params.flat_input), directory / "prepared")
 
 
 def worker(data: Path, replicas: int, seed: int, epochs: int) -> dict:

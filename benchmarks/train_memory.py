@@ -2,7 +2,7 @@
 
 Writes a synthetic prepared directory shaped as ``prepare`` leaves CIFAR-10 flattened: its
 50,000 training images (x 3072 float32 = 586 MB) split 45,000 train / 5,000 validation, plus
-the 10,000 test images (which training never reads). Runs ``stages/train.py`` on it in a child
+the 10,000 test images (which training never reads). Runs the train stage on it in a child
 process and reports the child's peak resident memory (ru_maxrss) against the size of those
 50,000 images. It also runs the same stage on 1% of the images: that peak is the fixed cost
 (Python, JAX, Keras, XLA's compiler), so what grows with the data is told apart from it.
@@ -70,7 +70,7 @@ def measure(n: int = 50_000, epochs: int = 1) -> dict:
         peaks = {}
         for name, rows in (("fixed", max(n // 100, 100)), ("full", n)):
             data_bytes = synthetic(work / name, rows)
-            cmd = [sys.executable, str(REPO / "stages/train.py"), "--data", name, "--model", f"{name}.keras",
+            cmd = [sys.executable, "-m", "optlab.stages.train", "--data", name, "--model", f"{name}.keras",
                    "--replicas", f"replicas-{name}", "--live", f"live-{name}", "--backup", "backup",
                    "--tensorboard-logs", "logs"]  # fmt: skip
             peaks[name] = child_peak_mb(cmd, work)

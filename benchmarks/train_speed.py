@@ -51,9 +51,10 @@ def write_data(directory: Path) -> None:
     artifacts.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
     raw = artifacts.load_raw(directory / "raw")
     for model, flatten in (("mlp", True), ("cnn", False)):
-        knobs = {"prepare.scale": "minus_one_one", "prepare.flatten": flatten, "prepare.val_fraction": 0.1}
+        knobs = {"prepare.scale": "minus_one_one", "prepare.val_fraction": 0.1}
         (directory / model).mkdir()
-        artifacts.save_prepared(prepare(raw, load_params(REPO / "params.yaml", knobs).prepare), directory / model)
+        prepared = prepare(raw, load_params(REPO / "params.yaml", knobs).prepare, flatten=flatten)
+        artifacts.save_prepared(prepared, directory / model)
 
 
 def experiment(model: str, epochs: int, **overrides):
@@ -73,12 +74,12 @@ def experiment(model: str, epochs: int, **overrides):
         "model.batch_norm": False,
         "model.l2": 0.0,
         "model.augment": False,
-        "prepare.flatten": model == "mlp",
         "train.epochs": epochs,
         "train.batch_size": BATCH,
         **overrides,
     }
-    return load_variant(REPO, [f"{k}={_hydra(v)}" for k, v in knobs.items()])
+    # `++key=value` sets a knob whether conf/ lists it or leaves it to its default.
+    return load_variant(REPO, [f"{'++' if '.' in k else ''}{k}={_hydra(v)}" for k, v in knobs.items()])
 
 
 def _hydra(value) -> str:

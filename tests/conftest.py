@@ -96,23 +96,23 @@ def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None =
 
 
 def stage_args(stage: str) -> list[str]:
-    """The options dvc.yaml gives ``stages/<stage>.py`` on its command line."""
+    """The options dvc.yaml gives ``python -m optlab.stages.<stage>`` on its command line."""
     import shlex
 
     from optlab.pipeline import Pipeline
 
     words = shlex.split(Pipeline.load(REPO).stages[stage]["cmd"])
-    assert words[:2] == ["python", f"stages/{stage}.py"], words
-    return words[2:]
+    assert words[:3] == ["python", "-m", f"optlab.stages.{stage}"], words
+    return words[3:]
 
 
 def run_stage(
     script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run ``stages/<script>.py`` as DVC would, in ``cwd``."""
+    """Run the stage ``optlab.stages.<script>`` as DVC would, in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
+        [sys.executable, "-m", f"optlab.stages.{script}", *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -370,8 +370,8 @@ def test_exp_show_records_carry_params_metrics_and_data_hash(project):
 
 
 PIPELINE = Pipeline(
-    {"train": {"cmd": "python stages/train.py --data data/prepared --live metrics/train"},
-     "evaluate": {"cmd": "python stages/evaluate.py --metrics metrics/test.json"}},
+    {"train": {"cmd": "python -m optlab.stages.train --data data/prepared --live metrics/train"},
+     "evaluate": {"cmd": "python -m optlab.stages.evaluate --metrics metrics/test.json"}},
     Path("dvc.yaml"),
 )  # fmt: skip
 

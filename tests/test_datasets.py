@@ -33,7 +33,7 @@ from optlab.errors import OptlabError
 from optlab.params import DATASET_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = ROOT / "stages" / "download.py"
+STAGE = ROOT / "src" / "optlab" / "stages" / "download.py"
 NOWHERE = "http://127.0.0.1:9"  # discard port: any download attempt from a local source fails loudly
 
 
@@ -284,7 +284,7 @@ def test_pickle_that_runs_code_is_refused_before_running(tmp_path, monkeypatch):
 
 
 # --- the stage script ------------------------------------------------------------------------
-# Runs stages/download.py as __main__, optionally with registry hashes pointed at test archives
+# Runs the download stage as __main__, optionally with registry hashes pointed at test archives
 # or a dataset's system directory moved to a test copy, and records which Keras/TensorFlow
 # modules were imported by the end (there must be none).
 RUNNER = """

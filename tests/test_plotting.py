@@ -174,7 +174,7 @@ NO_KERAS_WRAPPER = textwrap.dedent(
     f"""
     import runpy, sys
     from optlab import stage
-    main = runpy.run_path({str(REPO / "stages" / "plot.py")!r})["main"]
+    main = runpy.run_path({str(REPO / "src" / "optlab" / "stages" / "plot.py")!r})["main"]
     rc = stage.run(main, sys.argv[1:])
     # scikit-learn too: it costs about 3 s to import, most of this stage's time.
     heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow", "sklearn"))

@@ -25,7 +25,7 @@ from optlab.prepare import channel_stats, count_images, prepare, scale, stratifi
 from optlab.stage import EXIT_USER_ERROR, run
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = REPO / "stages" / "prepare.py"
+STAGE = REPO / "src" / "optlab" / "stages" / "prepare.py"
 STAGE_ARGS = stage_args("prepare")  # as dvc.yaml runs it
 PREPARED_FILES = {f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test")} | {"meta.json"}
 
@@ -84,7 +84,7 @@ def stage_main():
 
 
 def run_in_process(stage_main, root: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """The stage as `python stages/prepare.py` runs it, without a new interpreter."""
+    """The stage as `python -m optlab.stages.prepare` runs it, without a new interpreter."""
     monkeypatch.chdir(root)
     code = run(stage_main, STAGE_ARGS)
     return code, capsys.readouterr().err

@@ -269,7 +269,7 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path,
     assert _train_stage(ref, params, data).returncode == 0
 
     write_params(tmp_path / "params.yaml", params)
-    cmd = [sys.executable, str(REPO / "stages/train.py"), *train_args(data)]
+    cmd = [sys.executable, "-m", "optlab.stages.train", *train_args(data)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     history = tmp_path / ".optlab/backup"
     deadline = time.time() + 300
@@ -539,7 +539,7 @@ def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tm
     params = repo_params(**{"dataset": "digits", "train.epochs": 25, "model.hidden": [1024, 1024],
                             "train.batch_size": 8})  # fmt: skip
     write_params(tmp_path / "params.yaml", params)
-    cmd = [sys.executable, str(REPO / "stages/train.py"), *train_args(data)]
+    cmd = [sys.executable, "-m", "optlab.stages.train", *train_args(data)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     curve, seen, deadline = tmp_path / "live/plots/metrics/val/accuracy.tsv", {}, time.time() + 300
     while proc.poll() is None and time.time() < deadline:
