@@ -177,7 +177,7 @@ def _write_params(root: Path) -> None:
 
 
 def _run_evaluate(root: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), *stage_args("evaluate")]  # as dvc.yaml runs it
+    cmd = [sys.executable, "-m", "optlab.stages.evaluate", *stage_args("evaluate")]  # as dvc.yaml runs it
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the stage picks it from params
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
