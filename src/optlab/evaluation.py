@@ -37,8 +37,8 @@ def evaluate_model(params: Params, data_dir: Path, models_dir: Path, live_dir: P
     summary = {k: float(sum(row[k] for row in rows) / len(rows)) for k in keys}
     if len(rows) > 1:
         spread = describe([row["accuracy"] for row in rows])
+        # (How many: train.replicas, a param `dvc exp show` has beside these, not a metric too.)
         summary |= {"accuracy_sd": spread.std, "accuracy_ci_low": spread.ci_low, "accuracy_ci_high": spread.ci_high}
-        summary["replicas"] = len(rows)
     per_class = metrics.per_class(test.y, first.argmax(axis=1), classes)
     confusion = metrics.confusion_rows(test.y, first, classes)
     return artifacts.Evaluation(summary, per_class, first, confusion, rows)
@@ -48,9 +48,9 @@ def describe(ev: artifacts.Evaluation, top_k: int) -> str:
     """Two lines for the terminal: the headline scores and the most confused pairs."""
     m, rows = ev.metrics, ev.confusion_rows
     spread = (
-        f" (mean of {m['replicas']} replicas; sd {m['accuracy_sd']:.4f}, 95% CI [{m['accuracy_ci_low']:.4f}, "
+        f" (mean of {len(ev.replicas)} replicas; sd {m['accuracy_sd']:.4f}, 95% CI [{m['accuracy_ci_low']:.4f}, "
         f"{m['accuracy_ci_high']:.4f}])"
-        if "replicas" in m
+        if len(ev.replicas) > 1
         else ""
     )
     wrong = Counter((a, p) for a, p in zip(rows["actual"], rows["predicted"], strict=True) if a != p)

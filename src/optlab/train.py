@@ -316,8 +316,6 @@ def run(
                 if any(k in e for e in each)
             },
         }
-        if n > 1:
-            summary["replicas"] = n
         # Timings differ on every run: kept with the run's provenance, not among its metrics, so
         # an identical rerun changes no metric and reruns nothing downstream.
         seconds = histories[0].seconds if group.engine is not None else [t for h in histories for t in h.seconds]
