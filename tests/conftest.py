@@ -195,6 +195,15 @@ def fashion_mnist_prepared(fashion_mnist_files, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits training and validation splits, prepared once per test module."""
+    from optlab import artifacts
+
+    prepared = artifacts.load_prepared(prepared_digits(tmp_path_factory.mktemp("digits")), ("train", "val"))
+    return prepared.splits["train"], prepared.splits["val"]
+
+
 @pytest.fixture
 def digits_dir(tmp_path: Path) -> Path:
     return prepared_digits(tmp_path / "prepared")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, prepared_digits, repo_params, write_params
-from optlab import artifacts, lr_find, optim
+from optlab import lr_find, optim
 from optlab.engine import CompiledEngine
 from optlab.errors import OptlabError
 from optlab.loop import KeepBest, Loop
@@ -30,12 +30,6 @@ def small(**overrides):
     base = {"dataset": "digits", "train.epochs": 2, "train.batch_size": 64, "model.hidden": [32],
             "schedule": "constant", "train.backend": "jax", "model.dropout": 0.1}  # fmt: skip
     return validate_params(repo_params(**{**base, **overrides}))
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    prepared = artifacts.load_prepared(prepared_digits(tmp_path_factory.mktemp("digits")), ("train", "val"))
-    return prepared.splits["train"], prepared.splits["val"]
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)

@@ -160,30 +160,25 @@ def _fields(model, prefix=""):
             yield f"{prefix}{name}", field
 
 
-def _conf_keys(flat_params: dict) -> set[str]:
-    from optlab.experiments import flatten
-
-    return set(flatten(flat_params))
-
-
 def test_every_value_lives_in_one_place_conf_or_the_schema():
     # A knob conf/ lists has no schema default (a params.yaml that lacks it is refused: never a
     # silent default that runs another experiment); a knob with a schema default is not in conf/
     # (so it is not a `dvc exp show` column until a run sets it with -S +key=value).
+    from optlab.experiments import flatten
     from optlab.params import defaulted_knobs
 
     for group, members in GROUPS.items():
         for name, schema in members.items():
             raw = repo_params(**{group: name})
-            listed = {k for k in _conf_keys(raw) if k.startswith(f"{group}.")}
+            listed = {k for k in flatten(raw) if k.startswith(f"{group}.")}
             required = {f"{group}.{k}" for k, f in schema.model_fields.items() if f.is_required()}
             assert listed == required, (group, name, listed ^ required)
     raw = repo_params()
     required = {key for key, field in _fields(Params) if field.is_required()} - set(GROUPS)
-    listed = {k for k in _conf_keys(raw) if k.split(".")[0] not in GROUPS}
+    listed = {k for k in flatten(raw) if k.split(".")[0] not in GROUPS}
     assert listed == required, listed ^ required
-    defaults = defaulted_knobs(_conf_keys_values(raw))
-    assert not set(defaults) & _conf_keys(raw)
+    defaults = defaulted_knobs(flatten(raw))
+    assert not set(defaults) & set(flatten(raw))
     assert defaults["train.keep_best"] is False and defaults["optimizer.beta_2"] == 0.999
     del raw["train"]["epochs"]
     with pytest.raises(ParamsError, match="train.epochs: Field required"):
@@ -192,12 +187,6 @@ def test_every_value_lives_in_one_place_conf_or_the_schema():
     del raw["schedule"]["min_lr"]
     with pytest.raises(ParamsError, match="schedule.min_lr: Field required"):
         validate_params(raw)
-
-
-def _conf_keys_values(raw: dict) -> dict:
-    from optlab.experiments import flatten
-
-    return flatten(raw)
 
 
 def test_a_knob_left_to_its_default_is_set_with_plus_and_listed_by_optlab_params(tmp_path):

@@ -191,15 +191,6 @@ class Project:
         return set(self.dvc("exp", "list", "--name-only").split())
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> Iterator[str]:
-    """params.yaml's keys as `dvc exp show` names its columns (an empty section has none)."""
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat_keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
-
-
 def params_of(state: dict) -> dict:
     return state["data"]["params"]["params.yaml"]["data"]
 
@@ -371,6 +362,8 @@ def test_dvc_shows_the_figures_a_person_compares(project, tmp_path):
     assert set(metric_files["metrics/train/metrics.json"]["data"]) == TRAIN_SUMMARY_KEYS
     optimizer = params_of(head)["optimizer"]
     assert set(optimizer) == {"name", "learning_rate"}, optimizer  # adam's betas are Keras's defaults
+    from optlab.experiments import flatten
+
     # What a fresh clone shows (no experiments of the other tests): DVC's own 5 columns, the 12
     # metrics, the keys of params.yaml and one hash per dependency path, nothing else.
     clone = tmp_path / "clone"
@@ -379,12 +372,12 @@ def test_dvc_shows_the_figures_a_person_compares(project, tmp_path):
     stages = yaml.safe_load((project.root / "dvc.yaml").read_text())["stages"]
     deps = {d for stage in stages.values() for d in stage.get("deps", [])}
     own = ["Experiment", "rev", "typ", "Created", "parent"]
-    knobs = list(_flat_keys(yaml.safe_load((project.root / "params.yaml").read_text())))
+    knobs = list(flatten(yaml.safe_load((project.root / "params.yaml").read_text())))
     assert header[:6] == [*own, "accuracy"], header
     assert sorted(header) == sorted(own + [*TEST_METRIC_KEYS, *TRAIN_SUMMARY_KEYS] + knobs + [*deps]), header
     # The repository's own params.yaml in the same pipeline: the columns of `make repro` on a
     # fresh clone (this project's conf/ adds train.backend and train.loop, and has no warm-up).
-    repo_knobs = list(_flat_keys(yaml.safe_load((REPO / "params.yaml").read_text())))
+    repo_knobs = list(flatten(yaml.safe_load((REPO / "params.yaml").read_text())))
     columns = len(own) + len(TEST_METRIC_KEYS) + len(TRAIN_SUMMARY_KEYS) + len(repo_knobs) + len(deps)
     print(f"\n[record] dvc exp show --csv: {len(header)} columns here, {columns} for the repository's params.yaml")
     assert columns <= 40, repo_knobs

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import prepared_digits, repo_params
-from optlab import artifacts, compare, stats
+from conftest import repo_params
+from optlab import compare, stats
 from optlab.experiments import Group, Run
 from optlab.loop import KeepBest, Loop, Replicas, replica_params
 from optlab.params import validate_params
@@ -25,12 +25,6 @@ def small(**overrides):
     base = {"dataset": "digits", "train.epochs": 4, "train.batch_size": 32, "model.hidden": [64],
             "train.backend": "jax", "train.loop": "compiled", "model.dropout": 0.2}  # fmt: skip
     return validate_params(repo_params(**{**base, **overrides}))
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    prepared = artifacts.load_prepared(prepared_digits(tmp_path_factory.mktemp("digits")), ("train", "val"))
-    return prepared.splits["train"], prepared.splits["val"]
 
 
 def _with_callbacks(loop):

@@ -301,14 +301,13 @@ def read_choice_defaults(repo: Path, rev: str, params: dict[str, Any], conf_dir:
     the others (adam's betas)."""
     import yaml
 
-    from optlab.params import GROUPS
+    from optlab.params import defaulted_knobs
 
     defaults: dict[str, Any] = {}
     for group in CHOICES:
         name = params.get(f"{group}.name")
-        schema = GROUPS.get(group, {}).get(name) if isinstance(name, str) else None
-        if schema is not None:
-            defaults.update({f"{group}.{k}": f.default for k, f in schema.model_fields.items() if not f.is_required()})
+        schema_defaults = defaulted_knobs({f"{group}.name": name})
+        defaults.update({k: v for k, v in schema_defaults.items() if k.startswith(f"{group}.")})
         text = read_at(repo, rev, f"{conf_dir}/{group}/{name}.yaml") if isinstance(name, str) else None
         if text:
             with contextlib.suppress(yaml.YAMLError, AttributeError):
