@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from optlab.artifacts import RawData, RawMeta, save_raw
-from optlab.params import load_params
-from optlab.prepare import prepare, stratified_split
+from optlab.core.params import load_params
+from optlab.data.files import RawData, RawMeta, save_raw
+from optlab.data.prepare import prepare, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 SCALINGS = ("minus_one_one", "zero_one", "standardize")

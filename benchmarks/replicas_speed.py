@@ -32,29 +32,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 def write_data(directory: Path) -> None:
     """Fashion-MNIST as the prepare stage leaves it for the default experiment."""
-    from optlab import artifacts, datasets
-    from optlab.params import load_params
-    from optlab.prepare import prepare
+    from optlab.core.params import load_params
+    from optlab.data import datasets, files
+    from optlab.data.prepare import prepare
 
     (directory / "raw").mkdir()
-    artifacts.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
+    files.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
     params = load_params(REPO / "params.yaml")
     (directory / "prepared").mkdir()
-    raw = artifacts.load_raw(directory / "raw")
-    artifacts.save_prepared(prepare(raw, params.prepare, flatten=params.flat_input), directory / "prepared")
+    raw = files.load_raw(directory / "raw")
+    files.save_prepared(prepare(raw, params.prepare, flatten=params.flat_input), directory / "prepared")
 
 
 def worker(data: Path, replicas: int, seed: int, epochs: int) -> dict:
     """The default experiment with ``replicas`` replicas from ``seed``: seconds of each epoch."""
-    from optlab.backend import configure
-    from optlab.params import load_variant
+    from optlab.core.params import load_variant
+    from optlab.training.backend import configure
 
     params = load_variant(REPO, [f"train.replicas={replicas}", f"seed={seed}", f"train.epochs={epochs}"])
     configure("jax")
-    from optlab import artifacts
-    from optlab.loop import Replicas
+    from optlab.data import files
+    from optlab.training.loop import Replicas
 
-    prepared = artifacts.load_prepared(data, ("train", "val"))
+    prepared = files.load_prepared(data, ("train", "val"))
     train, val = prepared.splits["train"], prepared.splits["val"]
     group = Replicas.build(params, train.x.shape[1:], 10, len(train.y))
     histories = group.fit(train, val, [[] for _ in range(replicas)])

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from optlab.artifacts import META, PreparedMeta
+from optlab.data.files import META, PreparedMeta
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -43,24 +43,24 @@ FULL_EPOCH = 54_000  # Fashion-MNIST training images after the 10% validation sp
 def write_data(directory: Path) -> None:
     """Fashion-MNIST through optlab's own download and prepare code ([-1, 1], 10% validation),
     flattened for the MLP (``mlp/``) and as images for the CNN (``cnn/``)."""
-    from optlab import artifacts, datasets
-    from optlab.params import load_params
-    from optlab.prepare import prepare
+    from optlab.core.params import load_params
+    from optlab.data import datasets, files
+    from optlab.data.prepare import prepare
 
     (directory / "raw").mkdir()
-    artifacts.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
-    raw = artifacts.load_raw(directory / "raw")
+    files.save_raw(datasets.load("fashion_mnist").raw, directory / "raw")
+    raw = files.load_raw(directory / "raw")
     for model, flatten in (("mlp", True), ("cnn", False)):
         knobs = {"prepare.scale": "minus_one_one", "prepare.val_fraction": 0.1}
         (directory / model).mkdir()
         prepared = prepare(raw, load_params(REPO / "params.yaml", knobs).prepare, flatten=flatten)
-        artifacts.save_prepared(prepared, directory / model)
+        files.save_prepared(prepared, directory / model)
 
 
 def experiment(model: str, epochs: int, **overrides):
     """The repository's experiment (conf/) with the benchmark's recipe: Adam 1e-3, constant rate,
     no dropout, as `dvc exp run -S ...` would compose it."""
-    from optlab.params import load_variant
+    from optlab.core.params import load_variant
 
     knobs = {
         "optimizer": "adam",
@@ -92,12 +92,12 @@ def _hydra(value) -> str:
 
 
 def _splits(data: Path, n_train: int | None):
-    from optlab import artifacts
+    from optlab.data import files
 
-    prepared = artifacts.load_prepared(data)
-    train, val, test = (prepared.splits[s] for s in artifacts.SPLITS)
+    prepared = files.load_prepared(data)
+    train, val, test = (prepared.splits[s] for s in files.SPLITS)
     if n_train:
-        train = artifacts.Split(train.x[:n_train], train.y[:n_train])
+        train = files.Split(train.x[:n_train], train.y[:n_train])
     return train, val, test
 
 
@@ -115,7 +115,7 @@ def keras_fit(data: Path, epochs: int, n_train: int, backend: str, model: str) -
             + [keras.layers.Dense(10, activation="softmax")]
         )
     else:
-        from optlab.models import build_model
+        from optlab.training.models import build_model
 
         net = build_model(experiment("cnn", epochs).model, train.x.shape[1:], 10, seed=0)
     net.compile(optimizer=keras.optimizers.Adam(LR), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -134,12 +134,12 @@ def optlab_path(data: Path, epochs: int, n_train: int, model: str, bare: bool = 
     """optlab's train stage code path: params, the engine they choose, Loop.build and fit, with the
     per-epoch progress lines (to /dev/null) and the backprop diagnostics as in a real run.
     ``bare``: neither, and each epoch one compiled call, to measure what they cost."""
-    from optlab.backend import configure, engine_for
+    from optlab.training.backend import configure, engine_for
 
     params = experiment(model, epochs, **{"train.diagnostics": not bare, **engine})
     configure(engine_for(params).backend)
-    from optlab import engine as compiled
-    from optlab.loop import Loop, Progress
+    from optlab.training import engine as compiled
+    from optlab.training.loop import Loop, Progress
 
     if bare:
         compiled.CHUNK_STEPS = 1 << 30  # the whole epoch in one call: no point to show progress at

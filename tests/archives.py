@@ -113,7 +113,7 @@ def write_tar_gz(path: Path, folder: str, members: dict[str, bytes]) -> None:
 
 def cifar10(directory: Path, per_batch: int = 4, n_test: int = 6, replace: dict[str, bytes] | None = None) -> Arrays:
     """cifar-10-python.tar.gz; ``replace`` swaps a member's bytes (e.g. for a malicious pickle)."""
-    from optlab.datasets import CIFAR10_CLASSES
+    from optlab.data.datasets import CIFAR10_CLASSES
 
     directory.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = arrays = random_split(5 * per_batch, n_test, (32, 32, 3), 10, seed=3)
@@ -134,7 +134,7 @@ def cifar10(directory: Path, per_batch: int = 4, n_test: int = 6, replace: dict[
 
 
 def cifar100(directory: Path, n_train: int = 20, n_test: int = 10) -> Arrays:
-    from optlab.datasets import CIFAR100_CLASSES
+    from optlab.data.datasets import CIFAR100_CLASSES
 
     directory.mkdir(parents=True, exist_ok=True)
     x_train, y_train, x_test, y_test = arrays = random_split(n_train, n_test, (32, 32, 3), 100, seed=4)

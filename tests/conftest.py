@@ -26,21 +26,35 @@ TRAIN_SUMMARY_KEYS = {"trainable_params", "epochs_run", "best_epoch", "val_accur
                       "first_epoch_update_ratio", "dead_unit_fraction"}  # fmt: skip
 
 
+def _groups() -> dict:
+    from optlab.core.params import schema
+
+    return schema(REPO / "conf").groups
+
+
+GROUPS = _groups()  # group -> option name -> its schema, from the repository's conf/
+OPTIMIZER_NAMES, SCHEDULE_NAMES = tuple(GROUPS["optimizer"]), tuple(GROUPS["schedule"])
+
+
 def repo_params(**overrides) -> dict:
     """The repository's params.yaml as a dict, with overrides applied as `dvc exp run -S` would
     compose them: a group's name (``optimizer="sgd"``) brings that group's file of ``conf/``
     whole, then dotted keys set values (``**{"optimizer.learning_rate": 0.1}``)."""
-    from optlab.params import GROUPS, read_raw, set_dotted
+    from optlab.core.params import GROUP_NAMES, read_raw, set_dotted
 
     raw = read_raw(REPO / "params.yaml")
-    for group in GROUPS:
+    for group in GROUP_NAMES:
         if group in overrides:
             raw[group] = yaml.safe_load((REPO / "conf" / group / f"{overrides.pop(group)}.yaml").read_text())
     return set_dotted(raw, overrides)
 
 
 def write_params(path: Path, raw: dict) -> Path:
+    """``raw`` as ``path``, with the repository's ``conf/`` beside it (linked), where the stages
+    find the options of the optimizer and schedule groups, as in a checkout."""
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if not (path.parent / "conf").exists():
+        (path.parent / "conf").symlink_to(REPO / "conf", target_is_directory=True)
     return path
 
 
@@ -49,11 +63,11 @@ def write_experiment(root: Path, **overrides) -> None:
     ``conf/`` (which `dvc exp run` composes), then compose ``params.yaml`` from it: a group's name
     (``optimizer="sgd"``) picks that file of ``conf/<group>/``; dotted keys set values
     (``conf/config.yaml`` comes after the groups, so its ``optimizer.learning_rate`` wins)."""
-    from optlab.params import GROUPS, compose, set_dotted
+    from optlab.core.params import GROUP_NAMES, compose, set_dotted
 
     path = root / "conf" / "config.yaml"
     conf = yaml.safe_load(path.read_text())
-    for group in GROUPS:
+    for group in GROUP_NAMES:
         if group in overrides:
             chosen = overrides.pop(group)
             conf["defaults"] = [
@@ -63,12 +77,31 @@ def write_experiment(root: Path, **overrides) -> None:
     compose(root)
 
 
+def fit_members(params, train, val, members=None, after_epoch=None):
+    """Train ``members`` (default: the ``train.replicas`` of ``params``) on the splits through the
+    epoch driver, as the train stage does (callbacks included); return the members."""
+    import math
+
+    from optlab.training import callbacks
+    from optlab.training.loop import Member, fit, replica_params, trainer_for
+
+    if members is None:
+        steps = math.ceil(len(train.y) / params.train.batch_size)
+        members = []
+        for r in range(params.train.replicas):
+            m = Member.build(replica_params(params, r), train.x.shape[1:], 10, steps)
+            m.callbacks, m.keep_best = callbacks.build(m.params, m.all_evaluation_weights)
+            members.append(m)
+    fit(members, trainer_for(members, train, val), after_epoch=after_epoch)
+    return members
+
+
 def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None = None) -> Path:
     """A prepared-data directory (the prepare stage's artifact) from the real digits set."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from optlab.artifacts import PreparedData, PreparedMeta, Split, save_prepared
+    from optlab.data.files import PreparedData, PreparedMeta, Split, save_prepared
 
     d = load_digits()
     x = (d.images.astype(np.float32) / 8.0 - 1.0)[..., None]  # 0..16 -> [-1, 1], (N, 8, 8, 1)
@@ -96,23 +129,23 @@ def prepared_digits(directory: Path, flatten: bool = True, n_train: int | None =
 
 
 def stage_args(stage: str) -> list[str]:
-    """The options dvc.yaml gives ``python -m optlab.stages.<stage>`` on its command line."""
+    """The options dvc.yaml gives ``python stages/<stage>.py`` on its command line."""
     import shlex
 
-    from optlab.pipeline import Pipeline
+    from optlab.study.pipeline import Pipeline
 
     words = shlex.split(Pipeline.load(REPO).stages[stage]["cmd"])
-    assert words[:3] == ["python", "-m", f"optlab.stages.{stage}"], words
-    return words[3:]
+    assert words[:2] == ["python", f"stages/{stage}.py"], words
+    return words[2:]
 
 
 def run_stage(
     script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
-    """Run the stage ``optlab.stages.<script>`` as DVC would, in ``cwd``."""
+    """Run the stage script ``stages/<script>.py`` as DVC would, in ``cwd``."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", f"optlab.stages.{script}", *args],
+        [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,
@@ -143,8 +176,8 @@ def fashion_mnist_files() -> tuple[str, dict[str, Path]]:
 
     Session-scoped, so it runs before any test's monkeypatching and sees the user's environment.
     """
-    from optlab import datasets
-    from optlab.errors import OptlabError
+    from optlab.core.errors import OptlabError
+    from optlab.data import datasets
 
     spec = datasets.DATASETS["fashion_mnist"]
     try:
@@ -175,8 +208,8 @@ def fashion_mnist_files() -> tuple[str, dict[str, Path]]:
 def fashion_mnist_prepared(fashion_mnist_files, tmp_path_factory) -> Path:
     """Real Fashion-MNIST as the prepare stage leaves it with the repository's params (flat,
     [-1, 1], 54,000 + 6,000 + 10,000 images), through optlab's own download and prepare code."""
-    from optlab import artifacts, datasets, prepare
-    from optlab.params import load_params
+    from optlab.core.params import load_params
+    from optlab.data import datasets, files, prepare
 
     _, paths = fashion_mnist_files
     directory = next(iter(paths.values())).parent
@@ -185,22 +218,20 @@ def fashion_mnist_prepared(fashion_mnist_files, tmp_path_factory) -> Path:
     previous = os.environ.get("OPTLAB_DATA_DIR")
     os.environ["OPTLAB_DATA_DIR"] = str(directory)  # the very files the fixture found and verified
     try:
-        artifacts.save_raw(datasets.fetch(spec).raw, raw_dir)
+        files.save_raw(datasets.fetch(spec).raw, raw_dir)
     finally:
         os.environ.pop("OPTLAB_DATA_DIR") if previous is None else os.environ.update(OPTLAB_DATA_DIR=previous)
     params = load_params(REPO / "params.yaml")
-    artifacts.save_prepared(
-        prepare.prepare(artifacts.load_raw(raw_dir), params.prepare, flatten=params.flat_input), out
-    )
+    files.save_prepared(prepare.prepare(files.load_raw(raw_dir), params.prepare, flatten=params.flat_input), out)
     return out
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """The digits training and validation splits, prepared once per test module."""
-    from optlab import artifacts
+    from optlab.data import files
 
-    prepared = artifacts.load_prepared(prepared_digits(tmp_path_factory.mktemp("digits")), ("train", "val"))
+    prepared = files.load_prepared(prepared_digits(tmp_path_factory.mktemp("digits")), ("train", "val"))
     return prepared.splits["train"], prepared.splits["val"]
 
 

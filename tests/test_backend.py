@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO
-from optlab import backend as backend_module
-from optlab.backend import KERAS_EXTRAS
+from optlab.training import backend as backend_module
+from optlab.training.backend import KERAS_EXTRAS
 
 
 def _python(code: str) -> str:
@@ -20,7 +20,7 @@ def _python(code: str) -> str:
 
 def test_keras_starts_without_its_optional_integrations_or_tensorflow():
     out = _python(
-        "import sys; from optlab.backend import configure; configure('jax'); import keras\n"
+        "import sys; from optlab.training.backend import configure; configure('jax'); import keras\n"
         f"print(sorted(m for m in {KERAS_EXTRAS + ('tensorflow',)!r} if m in sys.modules))"
     )
     assert out == "[]"
@@ -28,7 +28,7 @@ def test_keras_starts_without_its_optional_integrations_or_tensorflow():
 
 def test_hidden_libraries_import_normally_afterwards():
     out = _python(
-        "from optlab.backend import configure; configure('jax')\n"
+        "from optlab.training.backend import configure; configure('jax')\n"
         "import sklearn.metrics, pandas, matplotlib, PIL\n"
         "print(sklearn.metrics.accuracy_score([0, 1], [0, 0]), pandas.Series([1, 2]).sum())"
     )
@@ -38,7 +38,7 @@ def test_hidden_libraries_import_normally_afterwards():
 def test_a_library_imported_before_is_left_in_place():
     # The evaluate stage imports pandas first: Keras must then see it as it is.
     out = _python(
-        "import pandas; from optlab.backend import configure; configure('jax')\n"
+        "import pandas; from optlab.training.backend import configure; configure('jax')\n"
         "from keras.src.trainers.data_adapters import array_slicing\n"
         "print(array_slicing.pandas is pandas)"
     )
@@ -49,7 +49,7 @@ def test_saving_a_model_on_jax_does_not_import_tensorflow(tmp_path):
     # Guards the one private Keras attribute optlab sets (checked against Keras 3.15): Keras's
     # lazy `tensorflow` module caches its availability in `_available`, and saving a model asks it.
     out = _python(
-        "import sys; from optlab.backend import configure; configure('jax'); import keras\n"
+        "import sys; from optlab.training.backend import configure; configure('jax'); import keras\n"
         "from keras.src.utils import module_utils\n"
         "assert type(module_utils.tensorflow).__name__ == 'LazyModule', type(module_utils.tensorflow)\n"
         "assert module_utils.tensorflow._available is False and module_utils.tensorflow.available is False\n"
@@ -76,8 +76,8 @@ def test_importing_a_keras_module_before_choosing_a_backend_is_refused():
 def test_configure_refuses_a_keras_already_loaded_with_another_backend():
     out = _python(
         "import os; os.environ['KERAS_BACKEND'] = 'jax'; import keras\n"
-        "from optlab.backend import configure\n"
-        "from optlab.errors import OptlabError\n"
+        "from optlab.training.backend import configure\n"
+        "from optlab.core.errors import OptlabError\n"
         "try:\n    configure('tensorflow')\nexcept OptlabError as e:\n    print(str(e)[:60])"
     )
     assert out.startswith("Keras was already imported with the 'jax' backend"), out

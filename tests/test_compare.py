@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from optlab import cli, compare, experiments, stats
-from optlab.compare import incomparable_reasons
-from optlab.errors import OptlabError
-from optlab.experiments import Group, Run, group_runs
-from optlab.params import compose
-from optlab.pipeline import Pipeline
-from optlab.stats import describe, welch
+from optlab.core.errors import OptlabError
+from optlab.core.params import compose
+from optlab.evaluation.metrics import describe
+from optlab.study import cli, compare, experiments, stats
+from optlab.study.compare import incomparable_reasons
+from optlab.study.experiments import Group, Run, group_runs
+from optlab.study.pipeline import Pipeline
+from optlab.study.stats import welch
 
 # --- a real, fast DVC project ----------------------------------------------------------------
 # The stage writes what optlab's train and evaluate stages write: test accuracy is a base per

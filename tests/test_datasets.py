@@ -26,11 +26,11 @@ import yaml
 
 import archives
 from conftest import repo_params
-from optlab import datasets
-from optlab.artifacts import RAW_ARRAYS
-from optlab.datasets import DATASETS, fetch, get_spec, load
-from optlab.errors import OptlabError
-from optlab.params import DATASET_NAMES
+from optlab.core.errors import OptlabError
+from optlab.core.params import DATASET_NAMES
+from optlab.data import datasets
+from optlab.data.datasets import DATASETS, fetch, get_spec, load
+from optlab.data.files import RAW_ARRAYS
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "src" / "optlab" / "stages" / "download.py"
@@ -289,7 +289,7 @@ def test_pickle_that_runs_code_is_refused_before_running(tmp_path, monkeypatch):
 # modules were imported by the end (there must be none).
 RUNNER = """
 import dataclasses, json, os, pathlib, runpy, sys
-import optlab.datasets as ds
+import optlab.data.datasets as ds
 for name, hashes in json.loads(os.environ["TEST_HASHES"]).items():
     spec = ds.DATASETS[name]
     files = tuple(dataclasses.replace(f, sha256=hashes[f.name]) for f in spec.files)

@@ -1,8 +1,8 @@
 """dvc.yaml declares what each stage really imports: the stage script and every module of the
 package it imports, directly or through other modules (imports inside functions included), as
-files or through a directory that holds them (optlab's stages depend on `src/optlab` whole), and
-no file it does not import. A change to any of them reruns the stage; and `optlab compare`
-hashes the code that produced a result."""
+files or through a directory that holds them (the package's role directories), and no directory
+it does not import from. A change to any of them reruns the stage, a change elsewhere (the study
+tools) reruns none; and `optlab compare` hashes the code that produced a result."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def _executed_nodes(tree: ast.AST):
         todo.extend(ast.iter_child_nodes(node))
 
 
+def runs_code(path: Path) -> bool:
+    """Whether importing ``path`` executes anything: a package ``__init__.py`` that holds only its
+    docstring runs nothing, so a stage need not declare it (editing it to hold code would)."""
+    body = ast.parse(path.read_text()).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
 def _imported_files(path: Path) -> set[Path]:
     """Package files that ``path`` imports (``import optlab.x``, ``from optlab import x``, ...),
     with the packages on the way (importing ``optlab.x`` runs ``optlab/__init__.py``)."""
@@ -67,7 +74,7 @@ def imports_of(script: Path) -> set[str]:
         for found in _imported_files(todo.pop()) - seen:
             seen.add(found)
             todo.append(found)
-    return {str(p.relative_to(REPO)) for p in seen}
+    return {str(p.relative_to(REPO)) for p in seen if p.name != "__init__.py" or runs_code(p)}
 
 
 def _covered(path: str, declared: set[str]) -> bool:
@@ -79,11 +86,11 @@ def code_problems(stages: dict) -> list[str]:
     problems = []
     for name, stage in stages.items():
         words = shlex.split(stage["cmd"])
-        assert words[:2] == ["python", "-m"], words  # python -m optlab.stages.<name>
-        script = str(_module_file(words[2]).relative_to(REPO))
+        assert words[:2] == ["python", f"stages/{name}.py"], words  # python stages/<name>.py
+        script = words[1]
         deps = {d if isinstance(d, str) else next(iter(d)) for d in stage.get("deps", [])}
         needed = imports_of(REPO / script) | {script}
-        declared = {d for d in deps if d.split("/")[0] == "src"}
+        declared = {d for d in deps if d.split("/")[0] in ("src", "stages")}
         problems += [
             f"{name}: imports {p} but does not declare it in deps" for p in sorted(needed) if not _covered(p, declared)
         ]
@@ -101,12 +108,26 @@ def test_every_stage_declares_exactly_the_code_it_imports():
 
 def test_a_missing_import_is_caught():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert "src/optlab/backend.py" in imports_of(REPO / "src/optlab/stages/evaluate.py")
-    stages["evaluate"]["deps"].remove("src/optlab")
+    assert "src/optlab/training/backend.py" in imports_of(REPO / "stages/evaluate.py")
+    stages["evaluate"]["deps"].remove("src/optlab/training")
     problems = code_problems(stages)
-    assert "evaluate: imports src/optlab/backend.py but does not declare it in deps" in problems, problems
-    stages["evaluate"]["deps"] += ["src/optlab/backend.py", "src/optlab/plotting.py"]
-    assert "evaluate: declares src/optlab/plotting.py but never imports it" in code_problems(stages)
+    assert "evaluate: imports src/optlab/training/backend.py but does not declare it in deps" in problems, problems
+    stages["evaluate"]["deps"] += ["src/optlab/training", "src/optlab/study"]
+    assert "evaluate: declares src/optlab/study but never imports it" in code_problems(stages)
+
+
+def test_no_stage_runs_the_study_tools():
+    # Editing optlab compare, the gate, sweeps or the CLI must rerun no stage.
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert not any(p.startswith("src/optlab/study/") for p in imports_of(REPO / f"stages/{name}.py")), name
+
+
+def test_a_package_init_that_runs_code_must_be_declared(tmp_path):
+    (tmp_path / "quiet.py").write_text('"""Only a docstring."""\n')
+    (tmp_path / "loud.py").write_text('"""A docstring."""\nimport os\n')
+    assert not runs_code(tmp_path / "quiet.py") and runs_code(tmp_path / "loud.py")
+    assert runs_code(PACKAGE / "__init__.py") is False  # every stage imports it: it must stay code-free
 
 
 def test_bytecode_in_the_package_is_not_code_dvc_hashes():
@@ -116,9 +137,27 @@ def test_bytecode_in_the_package_is_not_code_dvc_hashes():
     assert "__pycache__/" in ignored and "*.pyc" in ignored
 
 
+def _imports_keras(rel: str) -> bool:
+    """Whether importing a package module imports Keras, JAX or TensorFlow (at module level:
+    directly, or optlab.training.backend's ``keras``); a function that imports one when called
+    (a model loader) does not count."""
+    for node in ast.parse((REPO / rel).read_text()).body:
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in HEAVY for a in node.names):
+            return True
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module.split(".")[0] in HEAVY or any(a.name == "keras" for a in node.names))
+        ):
+            return True
+    return False
+
+
+HEAVY = ("keras", "jax", "tensorflow")
+
+
 def test_stages_that_need_no_keras_import_none_of_its_modules():
     # The cheap stages stay cheap: no module that imports Keras is in their closure.
-    keras_modules = {"src/optlab/models.py", "src/optlab/optim.py", "src/optlab/loop.py", "src/optlab/engine.py",
-                     "src/optlab/train.py", "src/optlab/backend.py"}  # fmt: skip
     for stage in ("download", "prepare", "plot"):
-        assert not imports_of(REPO / f"src/optlab/stages/{stage}.py") & keras_modules, stage
+        heavy = sorted(p for p in imports_of(REPO / f"stages/{stage}.py") if p.startswith("src/") and _imports_keras(p))
+        assert not heavy, (stage, heavy)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from optlab import cli, gate
-from optlab.errors import OptlabError
+from optlab.core.errors import OptlabError
+from optlab.study import cli, gate
 
 FILE = "metrics/test.json"  # what the evaluate stage's --metrics names in the test repository
 

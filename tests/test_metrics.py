@@ -17,8 +17,8 @@ import yaml
 from sklearn import metrics as skm
 
 from conftest import TEST_METRIC_KEYS, stage_args
-from optlab import metrics
-from optlab.errors import OptlabError
+from optlab.core.errors import OptlabError
+from optlab.evaluation import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
@@ -142,7 +142,7 @@ def _keras():
 
 
 def _write_prepared(root: Path, n_features: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from optlab.artifacts import PreparedData, PreparedMeta, Split, save_prepared
+    from optlab.data.files import PreparedData, PreparedMeta, Split, save_prepared
 
     rng = np.random.default_rng(0)
     splits = {}

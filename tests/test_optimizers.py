@@ -15,13 +15,15 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, prepared_digits, repo_params, write_params
-from optlab import lr_find, optim
-from optlab.engine import CompiledEngine
-from optlab.errors import OptlabError
-from optlab.loop import KeepBest, Loop
-from optlab.params import OPTIMIZER_NAMES, ParamsError, validate_params
-from optlab.train import Backup
+from conftest import GROUPS, OPTIMIZER_NAMES, REPO, fit_members, prepared_digits, repo_params, write_params
+from optlab.core.errors import OptlabError
+from optlab.core.params import DEFAULTED, ParamsError, validate_params
+from optlab.study import lr_find
+from optlab.training import optimizers as optim
+from optlab.training.backup import Backup
+from optlab.training.callbacks import KeepBest
+from optlab.training.engine import Engine
+from optlab.training.loop import Member, trainer_for
 
 LOOPS = ("compiled", "keras")
 
@@ -32,27 +34,29 @@ def small(**overrides):
     return validate_params(repo_params(**{**base, **overrides}))
 
 
+def build(p, n_train: int = 64) -> Member:
+    return Member.build(p, (64,), 10, -(-n_train // p.train.batch_size))
+
+
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
 def test_every_optimizer_trains_through_both_loops_and_resumes_exactly(name, digits, tmp_path):
     train, val = digits
     for loop_name in LOOPS:
         p = small(optimizer=name, **{"train.loop": loop_name})
-        straight = Loop.build(p, (64,), 10, len(train.y))
+        straight = build(p, len(train.y))
         backup = Backup(tmp_path / loop_name, "key")
-
-        def after(epoch, logs, history, model=straight.model, backup=backup):  # the backup the train stage writes
-            if epoch == 0:
-                backup.save(model, history)
-
-        history = straight.fit(train, val, on_epoch=after)
+        # The backup the train stage writes, here after epoch 1 only: as if killed then.
+        fit_members(p, train, val, [straight], after_epoch=lambda e, b=backup, m=straight: e or b.save([m]))
+        history = straight.history
         losses = history.column("loss")
         assert all(math.isfinite(v) for v in losses) and not history.diverged, (name, loop_name, history.epochs)
         assert losses[-1] < losses[0], (name, loop_name, history.epochs)  # it learns
         # Killed after epoch 1, resumed in a new process's objects: the same weights at the end.
-        resumed = Loop.build(p, (64,), 10, len(train.y))
-        restored = backup.load(resumed.model)
-        assert restored is not None and len(restored.epochs) == 1
-        resumed.fit(train, val, history=restored)
+        resumed = build(p, len(train.y))
+        (restored,) = backup.restore([resumed])
+        assert len(restored.epochs) == 1
+        resumed.history = restored
+        fit_members(p, train, val, [resumed])
         for a, b in zip(straight.model.get_weights(), resumed.model.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b, err_msg=f"{name} on the {loop_name} loop resumed elsewhere")
 
@@ -62,18 +66,25 @@ def test_knobs_conf_leaves_out_are_kerass_own_defaults():
     # against each optimizer's signature, so a Keras release that changes one fails here.
     import inspect
 
-    from optlab.params import GROUPS
-
     checked = 0
     for name, schema in GROUPS["optimizer"].items():
-        signature = inspect.signature(optim.OPTIMIZERS[name])
+        signature = inspect.signature(optim.optimizer_class(name))
         for knob, field in schema.model_fields.items():
             if not field.is_required():
                 assert signature.parameters[knob].default == field.default, (name, knob)
                 checked += 1
     assert checked >= 13  # the betas of adam, adamw, nadam, adamax, lamb, lion, schedule-free
+    assert set(DEFAULTED["optimizer"]) <= set(GROUPS["optimizer"])  # no default for an option conf/ lacks
     cosine = inspect.signature(keras.optimizers.schedules.CosineDecay).parameters["alpha"].default
     assert cosine == GROUPS["schedule"]["cosine"].model_fields["alpha"].default == 0.0
+
+
+def test_every_conf_knob_is_a_keyword_of_its_keras_optimizer():
+    # What conf/optimizer/<name>.yaml lists is what the Keras class takes (a knob in epochs as the
+    # steps it counts): a typo in a conf file, or a Keras release that renames a knob, fails here.
+    for name in OPTIMIZER_NAMES:
+        p = small(optimizer=name, **({"schedule": "constant"} if name == "schedule_free_adamw" else {}))
+        assert isinstance(optim.build(p, p.optimizer.learning_rate, 10), optim.optimizer_class(name))
 
 
 def test_an_unknown_optimizer_lists_every_choice_with_a_suggestion():
@@ -88,14 +99,14 @@ def test_schedule_free_refuses_a_schedule_and_takes_its_own_warm_up():
     with pytest.raises(ParamsError, match="schedule_free_adamw replaces the learning-rate schedule"):
         validate_params(repo_params(optimizer="schedule_free_adamw"))  # the default warmup_cosine
     p = small(optimizer="schedule_free_adamw", **{"optimizer.warmup_epochs": 2.0})
-    opt = optim.build_optimizer(p, p.optimizer.learning_rate, steps_per_epoch=20)
+    opt = optim.build(p, p.optimizer.learning_rate, steps_per_epoch=20)
     assert isinstance(opt, keras.optimizers.ScheduleFreeAdamW) and opt.warmup_steps == 40
 
 
 def test_schedule_free_keeps_z_where_optlab_reads_it():
     # optlab.optim.evaluation_weights reads Keras 3.15's private ScheduleFreeAdamW._momentums: one z
     # per trainable variable, its shape, starting equal to the weights (x = y = z at step 0).
-    model = Loop.build(small(optimizer="schedule_free_adamw"), (64,), 10, 64).model
+    model = build(small(optimizer="schedule_free_adamw")).model
     opt = model.optimizer
     opt.build(model.trainable_variables)
     assert len(opt._momentums) == len(model.trainable_variables)
@@ -111,11 +122,11 @@ def test_schedule_free_evaluates_its_average_and_matches_keras_fit(digits):
                                                    "train.batch_size": 16})  # fmt: skip
     train, val = digits
     x, y = train.x[:64], train.y[:64]
-    models = [Loop.build(p, (64,), 10, 64).model for _ in range(2)]
+    models = [build(p).model for _ in range(2)]
     for start in range(0, 64, 16):
         models[0].train_on_batch(x[start : start + 16], y[start : start + 16])
-    engine = CompiledEngine(models[1], 16, 1024, average=optim.evaluation_weights(models[1]))
-    engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(64, dtype="int32"))
+    engine = Engine([models[1]], 16, 1024, average=optim.evaluation_weights(models[1]))
+    engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(64, dtype="int32")[None])
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -130,8 +141,8 @@ def test_schedule_free_evaluates_its_average_and_matches_keras_fit(digits):
     trained = [v.numpy() for v in models[1].trainable_variables]
     assert not all(np.allclose(a, b) for a, b in zip(average(models[1]), trained, strict=True))
     # The compiled loop validates on x: the same numbers as a Keras model holding x.
-    logs, _ = engine.infer(jnp.asarray(val.x), jnp.asarray(val.y))
-    probe = Loop.build(p, (64,), 10, 64).model
+    ((logs, _),) = engine.infer(jnp.asarray(val.x), jnp.asarray(val.y))
+    probe = build(p).model
     for var, value in zip(probe.trainable_variables, average(models[1]), strict=True):
         var.assign(value)
     loss, accuracy = probe.evaluate(val.x, val.y, verbose=0)
@@ -142,13 +153,15 @@ def test_schedule_free_evaluates_its_average_and_matches_keras_fit(digits):
 def test_schedule_free_saves_and_keeps_the_best_of_its_average(digits, loop_name):
     p = small(optimizer="schedule_free_adamw", **{"train.loop": loop_name, "train.epochs": 3})
     train, val = digits
-    loop = Loop.build(p, (64,), 10, len(train.y))
-    keep = KeepBest("val_accuracy", loop.all_evaluation_weights)
-    history = loop.fit(train, val, [keep])
-    training = [w.copy() for w in loop.model.get_weights()]
-    loop.finish(keep)
-    assert loop.measure(val)["accuracy"] == pytest.approx(max(history.column("val_accuracy")), abs=1e-6)
-    assert any(not np.array_equal(a, b) for a, b in zip(training, loop.model.get_weights(), strict=True))
+    member = build(p, len(train.y))
+    member.keep_best = KeepBest("val_accuracy", member.all_evaluation_weights)
+    member.callbacks = [member.keep_best]
+    fit_members(p, train, val, [member])
+    training = [w.copy() for w in member.model.get_weights()]
+    member.finish()
+    (measured,) = trainer_for([member], train, val).measure(val)
+    assert measured["accuracy"] == pytest.approx(max(member.history.column("val_accuracy")), abs=1e-6)
+    assert any(not np.array_equal(a, b) for a, b in zip(training, member.model.get_weights(), strict=True))
 
 
 def test_gradient_clipping_acts_alike_in_both_loops(digits):
@@ -157,16 +170,16 @@ def test_gradient_clipping_acts_alike_in_both_loops(digits):
     weights = {}
     for clip in ({"train.clip_value": 1e-4}, {"train.clip_global_norm": 1e-3}, {}):
         p = small(optimizer="sgd", **{"model.dropout": 0.0, "train.batch_size": 16, **clip})
-        models = [Loop.build(p, (64,), 10, 64).model for _ in range(2)]
+        models = [build(p).model for _ in range(2)]
         for start in range(0, 64, 16):
             models[0].train_on_batch(x[start : start + 16], y[start : start + 16])
-        CompiledEngine(models[1], 16, 1024).train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(64, dtype="int32"))
+        Engine([models[1]], 16, 1024).train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(64, dtype="int32")[None])
         for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         weights[json.dumps(clip)] = models[1].get_weights()[0]
         assert models[1].optimizer.clipvalue == (clip.get("train.clip_value") or None)
         assert models[1].optimizer.global_clipnorm == (clip.get("train.clip_global_norm") or None)
-    start = Loop.build(small(optimizer="sgd", **{"model.dropout": 0.0}), (64,), 10, 64).model.get_weights()[0]
+    start = build(small(optimizer="sgd", **{"model.dropout": 0.0})).model.get_weights()[0]
     moved = {k: float(np.abs(w - start).max()) for k, w in weights.items()}
     # SGD at 0.01, momentum 0.9, 4 steps: each clipped entry moves less than 4 x 0.01 x 1e-4 x 3.
     assert moved['{"train.clip_value": 0.0001}'] < 2e-5 < moved["{}"], moved
@@ -174,7 +187,7 @@ def test_gradient_clipping_acts_alike_in_both_loops(digits):
 
 
 def test_muon_leaves_the_output_layer_and_what_is_not_a_matrix_to_adamw():
-    model = Loop.build(small(optimizer="muon", **{"model.hidden": [32, 32]}), (64,), 10, 64).model
+    model = build(small(optimizer="muon", **{"model.hidden": [32, 32]})).model
     opt = model.optimizer
     opt.build(model.trainable_variables)
     index = {id(v): i for i, v in enumerate(model.trainable_variables)}
@@ -205,7 +218,7 @@ def test_lr_find_writes_the_curve_the_figure_and_the_command(tmp_path):
     write_params(tmp_path / "params.yaml", raw)
     (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     assert data.is_dir()
-    cmd = [sys.executable, "-m", "optlab.cli", "lr-find", "--repo", str(tmp_path), "--steps", "150"]
+    cmd = [sys.executable, "-m", "optlab.study.cli", "lr-find", "--repo", str(tmp_path), "--steps", "150"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads((tmp_path / "reports/lr_find.json").read_text())

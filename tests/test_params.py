@@ -7,18 +7,19 @@ import pytest
 from pydantic import BaseModel
 
 from conftest import REPO, repo_params, run_stage, stage_args, write_params
-from optlab.params import (
+from optlab.core.params import (
     DATASET_NAMES,
-    GROUPS,
-    OPTIMIZER_NAMES,
-    SCHEDULE_NAMES,
-    Params,
+    GROUP_NAMES,
     ParamsError,
     compose,
     load_params,
     load_variant,
+    schema,
     validate_params,
 )
+
+GROUPS = schema(REPO / "conf").groups
+OPTIMIZER_NAMES, SCHEDULE_NAMES = tuple(GROUPS["optimizer"]), tuple(GROUPS["schedule"])
 
 
 def test_the_repository_params_are_valid():
@@ -148,7 +149,7 @@ def test_every_stage_exits_2_on_a_typo_before_touching_its_inputs(tmp_path, stag
     assert proc.returncode == 2, proc.stderr
     assert "model.hiden: unknown key. Did you mean 'model.hidden'?" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing else was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "params.yaml"], "nothing else was written"
 
 
 def _fields(model, prefix=""):
@@ -164,17 +165,17 @@ def test_every_value_lives_in_one_place_conf_or_the_schema():
     # A knob conf/ lists has no schema default (a params.yaml that lacks it is refused: never a
     # silent default that runs another experiment); a knob with a schema default is not in conf/
     # (so it is not a `dvc exp show` column until a run sets it with -S +key=value).
-    from optlab.experiments import flatten
-    from optlab.params import defaulted_knobs
+    from optlab.core.params import defaulted_knobs
+    from optlab.study.experiments import flatten
 
     for group, members in GROUPS.items():
-        for name, schema in members.items():
+        for name, option in members.items():
             raw = repo_params(**{group: name})
             listed = {k for k in flatten(raw) if k.startswith(f"{group}.")}
-            required = {f"{group}.{k}" for k, f in schema.model_fields.items() if f.is_required()}
+            required = {f"{group}.{k}" for k, f in option.model_fields.items() if f.is_required()}
             assert listed == required, (group, name, listed ^ required)
     raw = repo_params()
-    required = {key for key, field in _fields(Params) if field.is_required()} - set(GROUPS)
+    required = {key for key, field in _fields(schema(REPO / "conf").params) if field.is_required()} - set(GROUP_NAMES)
     listed = {k for k in flatten(raw) if k.split(".")[0] not in GROUPS}
     assert listed == required, listed ^ required
     defaults = defaulted_knobs(flatten(raw))
@@ -204,7 +205,7 @@ def test_a_knob_left_to_its_default_is_set_with_plus_and_listed_by_optlab_params
     (tmp_path / ".dvc").mkdir()
     shutil.copy(REPO / ".dvc" / "config", tmp_path / ".dvc" / "config")
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    out = subprocess.run([sys.executable, "-m", "optlab.cli", "params", "--all", "--repo", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "optlab.study.cli", "params", "--all", "--repo", str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "train.keep_best" in out and "-S +<key>=<value>" in out and "optimizer.beta_1" in out, out
     assert "train.epochs" not in out  # in params.yaml, not left to a default

@@ -362,7 +362,7 @@ def test_dvc_shows_the_figures_a_person_compares(project, tmp_path):
     assert set(metric_files["metrics/train/metrics.json"]["data"]) == TRAIN_SUMMARY_KEYS
     optimizer = params_of(head)["optimizer"]
     assert set(optimizer) == {"name", "learning_rate"}, optimizer  # adam's betas are Keras's defaults
-    from optlab.experiments import flatten
+    from optlab.study.experiments import flatten
 
     # What a fresh clone shows (no experiments of the other tests): DVC's own 5 columns, the 12
     # metrics, the keys of params.yaml and one hash per dependency path, nothing else.
@@ -488,7 +488,7 @@ def test_dvc_exp_show_follows_a_running_queued_experiment(project):
 
 # --- 5e. seeds inside one experiment --------------------------------------------------------
 def test_replicas_give_every_row_its_noise_and_compare_pairs_their_seeds(project, tmp_path):
-    from optlab import cli
+    from optlab.study import cli
 
     with project.scratch():
         names = {}
@@ -517,7 +517,8 @@ def _assert_the_workspace_holds_three_replicas(root: Path) -> None:
     import numpy as np
     import pandas as pd
 
-    from optlab import artifacts, stats
+    from optlab.evaluation import metrics
+    from optlab.training import record
 
     live = root / "metrics/train"
     summary, each = json.loads((live / "metrics.json").read_text()), json.loads((live / "replicas.json").read_text())
@@ -525,13 +526,13 @@ def _assert_the_workspace_holds_three_replicas(root: Path) -> None:
     assert summary["val_accuracy"] == pytest.approx(np.mean([e["val_accuracy"] for e in each]))
     assert sorted(p.name for p in (root / "models/replicas").iterdir()) == ["0.keras", "1.keras", "2.keras"]
     assert (root / "models/model.keras").read_bytes() == (root / "models/replicas/0.keras").read_bytes()
-    curves = artifacts.read_replica_histories(live)
+    curves = record.read_replica_histories(live)
     assert len(curves) == 3  # the curve DVC plots is their mean
     mean = np.mean([c["val_accuracy"] for c in curves], axis=0)
-    np.testing.assert_allclose(artifacts.read_history(live)["val_accuracy"], mean)
+    np.testing.assert_allclose(record.read_history(live)["val_accuracy"], mean)
     test, table = json.loads((root / "metrics/test.json").read_text()), pd.read_csv(root / "metrics/replicas.csv")
     assert list(table["seed"]) == [0, 1, 2]  # the evaluate stage evaluated every replica
-    spread = stats.describe(table["accuracy"])
+    spread = metrics.describe(table["accuracy"])
     assert test["accuracy"] == pytest.approx(spread.mean)
     assert (test["accuracy_sd"], test["accuracy_ci_low"], test["accuracy_ci_high"]) == pytest.approx(
         (spread.std, spread.ci_low, spread.ci_high)

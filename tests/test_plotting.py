@@ -14,19 +14,11 @@ import yaml
 from PIL import Image
 
 from conftest import stage_args
-from optlab import metrics, plotting
-from optlab.artifacts import (
-    HISTORY,
-    PreparedData,
-    PreparedMeta,
-    RawData,
-    RawMeta,
-    Split,
-    read_history,
-    save_prepared,
-    save_raw,
-)  # fmt: skip
-from optlab.errors import OptlabError
+from optlab.core.errors import OptlabError
+from optlab.data.files import PreparedData, PreparedMeta, RawData, RawMeta, Split, save_prepared, save_raw
+from optlab.evaluation import figures as plotting
+from optlab.evaluation import metrics
+from optlab.training.record import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = (
@@ -80,7 +72,7 @@ def test_read_history_counts_epochs_from_one(tmp_path):
     write_history(tmp_path, epochs=5)
     history = read_history(tmp_path)
     assert list(history.index) == [1, 2, 3, 4, 5]
-    assert set(history.columns) == set(HISTORY)
+    assert set(history.columns) == {"loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
     assert history.loc[1, "learning_rate"] == pytest.approx(1e-3)
 
 
@@ -103,7 +95,7 @@ def test_history_figures(tmp_path, epochs, lr_decay):
 
 @pytest.mark.parametrize("layers", [["dense1", "dense2", "output"], ["conv1", "conv2", "conv3", "conv4", "output"], []])
 def test_the_gradients_figure_reads_the_diagnostics_dvclive_wrote(tmp_path, layers):
-    from optlab.artifacts import TrainLog, read_diagnostics
+    from optlab.training.record import TrainLog, read_diagnostics
 
     log = TrainLog(tmp_path / "live", {})  # the train stage's writer
     for epoch in range(6):
@@ -173,7 +165,7 @@ def test_f1_chart_lists_only_the_extremes_of_many_classes():
 NO_KERAS_WRAPPER = textwrap.dedent(
     f"""
     import runpy, sys
-    from optlab import stage
+    from optlab.core import stage
     main = runpy.run_path({str(REPO / "src" / "optlab" / "stages" / "plot.py")!r})["main"]
     rc = stage.run(main, sys.argv[1:])
     # scikit-learn too: it costs about 3 s to import, most of this stage's time.

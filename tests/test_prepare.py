@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from conftest import stage_args
-from optlab.artifacts import RawData, RawMeta, load_raw, save_raw
-from optlab.errors import OptlabError
-from optlab.params import load_params
-from optlab.prepare import channel_stats, count_images, prepare, scale, stratified_split
-from optlab.stage import EXIT_USER_ERROR, run
+from optlab.core.errors import OptlabError
+from optlab.core.params import load_params
+from optlab.core.stage import EXIT_USER_ERROR, run
+from optlab.data.files import RawData, RawMeta, load_raw, save_raw
+from optlab.data.prepare import channel_stats, count_images, prepare, scale, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = REPO / "src" / "optlab" / "stages" / "prepare.py"

@@ -10,11 +10,12 @@ import math
 import numpy as np
 import pytest
 
-from conftest import repo_params
-from optlab import compare, stats
-from optlab.experiments import Group, Run
-from optlab.loop import KeepBest, Loop, Replicas, replica_params
-from optlab.params import validate_params
+from conftest import fit_members, repo_params
+from optlab.core.params import validate_params
+from optlab.study import compare, stats
+from optlab.study.experiments import Group, Run
+from optlab.training.callbacks import KeepBest
+from optlab.training.loop import Member, replica_params
 
 # float32 arithmetic differs between a vmapped (batched) matmul and a plain one in the last bits;
 # measured on digits over 4 epochs: at most 2e-6 apart in any weight. The bound leaves 25x room.
@@ -27,36 +28,36 @@ def small(**overrides):
     return validate_params(repo_params(**{**base, **overrides}))
 
 
-def _with_callbacks(loop):
-    keep = KeepBest("val_loss", loop.all_evaluation_weights)
+def member(p, n_train: int) -> Member:
+    """A member with early stopping and keep-best on the validation loss."""
     import keras
 
-    return [keras.callbacks.EarlyStopping(monitor="val_loss", patience=1), keep], keep
+    m = Member.build(p, (64,), 10, -(-n_train // p.train.batch_size))
+    m.keep_best = KeepBest("val_loss", m.all_evaluation_weights)
+    m.callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0),
+                   keras.callbacks.EarlyStopping(monitor="val_loss", patience=1), m.keep_best]  # fmt: skip
+    return m
 
 
 def test_replica_r_is_the_run_with_seed_plus_r(digits):
     # With early stopping, keep-best and ReduceLROnPlateau acting per replica, as in a single run.
-    p = small(**{"train.replicas": 3, "schedule": "plateau", "schedule.patience": 0, "optimizer.learning_rate": 0.01,
-                 "train.epochs": 8})  # fmt: skip
+    p = small(**{"train.replicas": 3, "optimizer.learning_rate": 0.01, "train.epochs": 8, "schedule": "constant"})
     train, val = digits
-    group = Replicas.build(p, (64,), 10, len(train.y))
-    assert group.engine is not None and group.engine.vectorized
-    made = [_with_callbacks(lp) for lp in group.loops]
-    histories = group.fit(train, val, [c for c, _ in made])
-    group.finish([k for _, k in made])
+    group = fit_members(p, train, val, [member(replica_params(p, r), len(train.y)) for r in range(3)])
+    for m in group:
+        m.finish()
+    histories = [m.history for m in group]
     assert len({len(h.epochs) for h in histories}) > 1 or all(h.stopped for h in histories), "no replica stopped early"
     worst = 0.0
-    for r, (lp, history) in enumerate(zip(group.loops, histories, strict=True)):
-        alone = Loop.build(replica_params(p, r), (64,), 10, len(train.y))
+    for r, m in enumerate(group):
+        (alone,) = fit_members(p, train, val, [member(replica_params(p, r), len(train.y))])
         assert alone.params.seed == p.seed + r
-        callbacks, keep = _with_callbacks(alone)
-        single = alone.fit(train, val, callbacks)
-        alone.finish(keep)
-        assert len(single.epochs) == len(history.epochs), r  # the same epoch stopped it
-        for a, b in zip(single.epochs, history.epochs, strict=True):
+        alone.finish()
+        assert len(alone.history.epochs) == len(m.history.epochs), r  # the same epoch stopped it
+        for a, b in zip(alone.history.epochs, m.history.epochs, strict=True):
             assert a["learning_rate"] == pytest.approx(b["learning_rate"], rel=1e-6)  # the same plateau cuts
             assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
-        for a, b in zip(alone.model.get_weights(), lp.model.get_weights(), strict=True):
+        for a, b in zip(alone.model.get_weights(), m.model.get_weights(), strict=True):
             worst = max(worst, float(np.abs(a - b).max()))
     print(f"\n[record] replicas against separate runs: largest weight difference {worst:.2e}")
     assert worst < TOLERANCE
@@ -65,10 +66,11 @@ def test_replica_r_is_the_run_with_seed_plus_r(digits):
 def test_a_diverged_replica_is_reported_and_the_others_train_on(digits):
     p = small(**{"train.replicas": 2, "train.epochs": 3})
     train, val = digits
-    group = Replicas.build(p, (64,), 10, len(train.y))
-    kernel = group.loops[1].model.trainable_variables[0]
+    group = [Member.build(replica_params(p, r), (64,), 10, -(-len(train.y) // 32)) for r in range(2)]
+    kernel = group[1].model.trainable_variables[0]
     kernel.assign(kernel.numpy() * 1e6)  # replica 1 starts from absurd weights: it blows up at once
-    histories = group.fit(train, val, [[], []])
+    fit_members(p, train, val, group)
+    histories = [m.history for m in group]
     assert histories[1].diverged and len(histories[1].epochs) == 1 and histories[1].stopped
     assert not histories[0].diverged and len(histories[0].epochs) == 3
     assert histories[0].epochs[-1]["val_accuracy"] > 0.8
@@ -107,7 +109,7 @@ def test_seeds_needed_by_hand():
 
 
 def test_replicas_are_one_experiment_param_that_never_splits_a_variant():
-    from optlab.experiments import group_runs
+    from optlab.study.experiments import group_runs
 
     one = Run("a", "a", {"seed": 0, "train.replicas": 3, "optimizer": "adam"}, {"accuracy": 0.9})
     two = Run("b", "b", {"seed": 3, "train.replicas": 1, "optimizer": "adam"}, {"accuracy": 0.9})

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from optlab import cli, experiments
-from optlab.pipeline import Pipeline
+from optlab.study import cli, experiments
+from optlab.study.pipeline import Pipeline
 
 # The fake pipeline and its helpers live with the compare tests (tests/ is not a package, so
 # pytest puts this directory on sys.path).

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, write_experiment
-from optlab import sweep
-from optlab.errors import OptlabError
+from optlab.core.errors import OptlabError
+from optlab.study import sweep
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="Ray is optlab's [ray] extra, which make install installs")
@@ -101,8 +101,8 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
     commit = sh(project, "git", "rev-parse", "HEAD").strip()
     names = [sweep.experiment_name(commit, p) for p in sweep.grid(GRID)]
     logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "optlab.cli", "sweep", *[a for g in GRID for a in ("-S", g)], "--executor", "ray",
-           "--address", cluster, "--repo", str(project), "--logs", str(logs)]  # fmt: skip
+    cmd = [sys.executable, "-m", "optlab.study.cli", "sweep", *[a for g in GRID for a in ("-S", g)],
+           "--executor", "ray", "--address", cluster, "--repo", str(project), "--logs", str(logs)]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **env})  # fmt: skip
@@ -132,7 +132,7 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
     sh(other, sys.executable, "-m", "dvc", "exp", "pull", "origin", *names, env=env)
     shown = sh(other, sys.executable, "-m", "dvc", "exp", "show", "--csv", "--all-commits", env=env)
     assert all(n in shown for n in names)
-    from optlab import cli
+    from optlab.study import cli
 
     assert cli.main(["compare", "--repo", str(other), "--all-commits", "--baseline", names[0]]) == 0
     report = (other / "reports/compare.md").read_text()

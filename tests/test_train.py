@@ -14,13 +14,17 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, prepared_digits, repo_params, run_stage, write_params
-from optlab import artifacts, train
-from optlab.engine import CompiledEngine
-from optlab.loop import History, Loop
-from optlab.models import MODELS, build_model, trainable_params
-from optlab.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
-from optlab.params import MODEL_NAMES, OPTIMIZER_NAMES, SCHEDULE_NAMES, ParamsError, validate_params
+from conftest import OPTIMIZER_NAMES, REPO, SCHEDULE_NAMES, prepared_digits, repo_params, run_stage, write_params
+from optlab.core.params import MODEL_NAMES, ParamsError, validate_params
+from optlab.data import files
+from optlab.training import optimizers, record, schedules
+from optlab.training import run as train
+from optlab.training.backup import Backup
+from optlab.training.engine import Engine
+from optlab.training.loop import History, Member
+from optlab.training.models import MODELS, build_model, trainable_params
+from optlab.training.optimizers import optimizer_class
+from optlab.training.schedules import SCHEDULES
 
 
 def small(**overrides):
@@ -35,8 +39,9 @@ def run_train(p, data: Path, tmp_path: Path) -> dict:
 
 def test_registries_match_the_names_params_accepts():
     assert set(MODELS) == set(MODEL_NAMES)
-    assert set(OPTIMIZERS) == set(OPTIMIZER_NAMES)
     assert set(SCHEDULES) == set(SCHEDULE_NAMES)
+    for name in OPTIMIZER_NAMES:  # every conf/optimizer/ file is a Keras optimizer (by name) or one of optlab's
+        assert issubclass(optimizer_class(name), keras.optimizers.Optimizer), name
 
 
 @pytest.mark.parametrize("name,shape", [("mlp", (64,)), ("mlp", (8, 8, 1)), ("cnn", (8, 8, 1)), ("cnn", (32, 32, 3))])
@@ -64,7 +69,7 @@ def test_report_002_recipe_has_100778_trainable_parameters():
 
 
 def test_cnn_on_flat_data_is_refused_with_the_fix():
-    from optlab.errors import OptlabError
+    from optlab.core.errors import OptlabError
 
     p = small(**{"model.name": "cnn"})
     with pytest.raises(OptlabError, match="run the prepare stage again for the cnn"):
@@ -79,8 +84,8 @@ def test_every_optimizer_and_schedule_builds(optimizer, schedule):
             small(optimizer=optimizer, schedule=schedule)
         return
     p = small(optimizer=optimizer, schedule=schedule, **{"train.epochs": 3})
-    opt = build_optimizer(p, build_schedule(p, steps_per_epoch=10), steps_per_epoch=10)
-    assert isinstance(opt, OPTIMIZERS[optimizer])
+    opt = optimizers.build(p, schedules.build(p, steps_per_epoch=10), steps_per_epoch=10)
+    assert isinstance(opt, optimizer_class(optimizer))
     lr0 = p.optimizer.learning_rate
     rate = opt.learning_rate
     first = float(keras.ops.convert_to_numpy(rate))
@@ -95,7 +100,7 @@ def test_schedules_follow_their_shape():
 
     def rates(name, **kw):
         p = small(schedule=name, **{"train.epochs": epochs}, **kw)
-        sched = build_schedule(p, steps)
+        sched = schedules.build(p, steps)
         return [float(keras.ops.convert_to_numpy(sched(float(s)))) for s in range(0, steps * epochs, steps)]
 
     lr = 1e-3
@@ -119,8 +124,8 @@ def test_both_loops_learn_digits(tmp_path, loop_name):
     assert summary["epochs_run"] == 5 and summary["trainable_params"] == 64 * 64 + 64 + 64 * 10 + 10
     assert summary["val_accuracy"] > 0.85, summary
     live = tmp_path / "live"
-    for name in artifacts.HISTORY:
-        rows = artifacts.history_file(live, name).read_text().splitlines()
+    for name in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        rows = record.history_file(live, name).read_text().splitlines()
         assert rows[0].startswith("step\t") and len(rows) == 1 + 5, name
     assert not (tmp_path / "backup").exists(), "the resume backup is removed once the run completes"
 
@@ -130,12 +135,12 @@ def test_compiled_loop_matches_keras_fit_on_one_step():
     p = small(**{"train.batch_size": 16, "model.hidden": [32]})
     x = np.random.default_rng(0).normal(size=(16, 64)).astype("float32")
     y = np.arange(16, dtype="int32") % 10
-    models = [Loop.build(p, (64,), 10, 16).model for _ in range(2)]
+    models = [Member.build(p, (64,), 10, 1).model for _ in range(2)]
     models[0].train_on_batch(x, y)
-    compiled = CompiledEngine(models[1], batch_size=16, eval_rows=1024)
+    compiled = Engine([models[1]], batch_size=16, eval_rows=1024)
     import jax.numpy as jnp
 
-    compiled.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(16, dtype="int32"))
+    compiled.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(16, dtype="int32")[None])
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -148,15 +153,15 @@ def test_compiled_cnn_takes_one_call_per_batch_and_matches_keras_steps():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 8, 8, 1)).astype("float32")  # two full batches and a partial one
     y = np.arange(20, dtype="int32") % 10
-    models = [Loop.build(p, (8, 8, 1), 10, 20).model for _ in range(2)]
+    models = [Member.build(p, (8, 8, 1), 10, 3).model for _ in range(2)]
     for start in range(0, 20, 8):
         models[0].train_on_batch(x[start : start + 8], y[start : start + 8])
-    engine = CompiledEngine(models[1], batch_size=8, eval_rows=1024)
+    engine = Engine([models[1]], batch_size=8, eval_rows=1024)
     assert not engine.scans
-    assert CompiledEngine(Loop.build(small(), (64,), 10, 20).model, 8, 1024).scans  # the MLP: scanned chunks
+    assert Engine([Member.build(small(), (64,), 10, 3).model], 8, 1024).scans  # the MLP: scanned chunks
     import jax.numpy as jnp
 
-    engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(20, dtype="int32"))
+    engine.train_epoch(jnp.asarray(x), jnp.asarray(y), np.arange(20, dtype="int32")[None])
     for a, b in zip(models[0].get_weights(), models[1].get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -189,10 +194,10 @@ def test_compiled_evaluation_matches_keras(n):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(n, 64)).astype("float32")
     y = rng.integers(0, 10, n).astype("int32")
-    model = Loop.build(p, (64,), 10, n).model
+    model = Member.build(p, (64,), 10, 1).model
     import jax.numpy as jnp
 
-    logs, probs = CompiledEngine(model, 64, eval_rows=1024).infer(jnp.asarray(x), jnp.asarray(y))
+    ((logs, probs),) = Engine([model], 64, eval_rows=1024).infer(jnp.asarray(x), jnp.asarray(y))
     loss, accuracy = model.evaluate(x, y, batch_size=256, verbose=0)
     np.testing.assert_allclose(probs, model.predict(x, batch_size=256, verbose=0), rtol=1e-5, atol=1e-6)
     assert logs["accuracy"] == pytest.approx(accuracy, abs=1e-6)
@@ -269,7 +274,7 @@ def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path,
     assert _train_stage(ref, params, data).returncode == 0
 
     write_params(tmp_path / "params.yaml", params)
-    cmd = [sys.executable, "-m", "optlab.stages.train", *train_args(data)]
+    cmd = [sys.executable, str(REPO / "stages" / "train.py"), *train_args(data)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     history = tmp_path / ".optlab/backup"
     deadline = time.time() + 300
@@ -314,17 +319,18 @@ def backed_up_epochs(root: Path) -> int:
 def test_a_backup_save_cut_short_by_a_kill_is_ignored_and_cleared(tmp_path):
     # SIGKILL can land inside Backup.save: its temporary file stays beside the last whole backup.
     p = small(**{"model.dropout": 0.2})
-    model = Loop.build(p, (64,), 10, 100).model
-    backup = train.Backup(tmp_path / "backup", "key")
-    backup.save(model, History(epochs=[{"loss": 1.0}], seconds=[0.5]))
+    member = Member.build(p, (64,), 10, 4)
+    member.history = History(epochs=[{"loss": 1.0}], seconds=[0.5])
+    backup = Backup(tmp_path / "backup", "key")
+    backup.save([member])
     assert backed_up_epochs(tmp_path / "backup") == 1
     cut_short = tmp_path / "backup" / ".key.npz.tmp-killed.npz"
     cut_short.write_bytes(b"half a file")
     other_run = tmp_path / "backup" / ".other.npz.tmp-running.npz"  # another key's save in progress: not ours
     other_run.write_bytes(b"")
 
-    resumed = backup.load(model)
-    assert resumed is not None and resumed.epochs == [{"loss": 1.0}]
+    resumed = backup.restore([member])
+    assert resumed is not None and resumed[0].epochs == [{"loss": 1.0}]
     assert not cut_short.exists() and other_run.exists()
     other_run.unlink()
     backup.clear()
@@ -332,7 +338,7 @@ def test_a_backup_save_cut_short_by_a_kill_is_ignored_and_cleared(tmp_path):
 
 
 def test_stage_start_removes_temporaries_a_killed_write_left(tmp_path):
-    from optlab.outputs import remove_outputs, temporaries
+    from optlab.core.outputs import remove_outputs, temporaries
 
     (tmp_path / "models").mkdir()
     leftovers = [tmp_path / "models/.model.keras.tmp-a1.keras", tmp_path / ".live.tmp-b2"]
@@ -382,7 +388,7 @@ def test_a_diverged_run_fails_and_records_nothing_when_asked(tmp_path, engine):
 
 
 def test_a_collapse_to_chance_after_learning_counts_as_divergence_but_slow_learning_does_not():
-    from optlab.loop import divergence
+    from optlab.training.loop import divergence
 
     p = small()
     chance = {"loss": 2.35, "accuracy": 0.1, "val_loss": 2.31, "val_accuracy": 0.10}
@@ -464,7 +470,7 @@ def test_train_stage_holds_the_data_about_once():
 def test_progress_prints_a_line_per_epoch_and_a_bar_inside_slow_epochs():
     import io
 
-    from optlab.loop import Progress
+    from optlab.training.callbacks import Progress
 
     out = io.StringIO()
     progress = Progress(epochs=12, stream=out)
@@ -487,7 +493,7 @@ def test_progress_prints_a_line_per_epoch_and_a_bar_inside_slow_epochs():
 
 
 def test_chunk_plan_is_a_pure_function_of_the_step_count():
-    from optlab.engine import chunk_plan
+    from optlab.training.engine import chunk_plan
 
     assert chunk_plan(0) == [] and chunk_plan(100, most=256) == [100]
     assert chunk_plan(1687, most=256) == [241] * 7  # 1687 = 7 x 241: one program for every chunk
@@ -498,38 +504,40 @@ def test_chunk_plan_is_a_pure_function_of_the_step_count():
 def test_chunks_and_diagnostics_do_not_change_what_is_trained(monkeypatch, tmp_path):
     import jax.numpy as jnp
 
-    from optlab import engine as compiled
-    from optlab.loop import epoch_order
+    from optlab.training import engine as compiled
+    from optlab.training.loop import epoch_order
 
-    train_split = artifacts.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
+    train_split = files.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
     weights = []
     for most, diagnostics in ((1 << 30, False), (7, False), (5, True)):
         monkeypatch.setattr(compiled, "CHUNK_STEPS", most)
-        loop = Loop.build(small(**{"train.batch_size": 16, "train.diagnostics": diagnostics}), (64,), 10, 100)
+        model = Member.build(small(**{"train.batch_size": 16}), (64,), 10, 4).model
+        engine = Engine([model], 16, 1024, diagnostics)
         for epoch in range(2):
-            order = epoch_order(0, epoch, len(train_split.y))
-            loop.engine.train_epoch(jnp.asarray(train_split.x), jnp.asarray(train_split.y), order)
-        weights.append(np.concatenate([w.ravel() for w in loop.model.get_weights()]))
+            order = epoch_order(0, epoch, len(train_split.y))[None]
+            engine.train_epoch(jnp.asarray(train_split.x), jnp.asarray(train_split.y), order)
+        weights.append(np.concatenate([w.ravel() for w in model.get_weights()]))
     assert all(np.array_equal(weights[0], w) for w in weights[1:])  # bit-identical
 
 
 def test_dead_units_of_a_layer_whose_biases_are_very_negative(tmp_path):
     import jax.numpy as jnp
 
-    train_split = artifacts.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
+    train_split = files.load_prepared(prepared_digits(tmp_path / "prepared"), ("train",)).splits["train"]
     x, y = jnp.asarray(train_split.x), jnp.asarray(train_split.y)
     p = small(**{"model.hidden": [64, 32], "model.dropout": 0.0, "optimizer.learning_rate": 1e-6,
                  "schedule": "constant"})  # fmt: skip
-    loop = Loop.build(p, (64,), 10, len(y))
-    loop.engine.probe = x[:256]
-    loop.engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32))
-    alive = loop.engine.last_epoch
+    model = Member.build(p, (64,), 10, 4).model
+    engine = Engine([model], 64, 1024, diagnostics=True)
+    engine.probe = x[:256]
+    engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32)[None])
+    (alive,) = engine.last_epoch
     assert set(alive) == {"dense1", "dense2", "output"} and alive["output"].dead_fraction is None
     assert alive["dense1"].dead_fraction < 0.5
-    first = loop.model.get_layer(loop.engine.weight_layers[0].name)
+    first = next(layer for layer in model.layers if isinstance(layer, keras.layers.Dense))
     first.bias.assign(np.full(64, -100.0, "float32"))  # no image can activate these units
-    loop.engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32))
-    dead = loop.engine.last_epoch
+    engine.train_epoch(x, y, np.arange(len(y), dtype=np.int32)[None])
+    (dead,) = engine.last_epoch
     assert dead["dense1"].dead_fraction == 1.0
     assert all(d.grad_norm >= 0 and d.weight_norm > 0 for d in dead.values())
 
@@ -539,7 +547,7 @@ def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tm
     params = repo_params(**{"dataset": "digits", "train.epochs": 25, "model.hidden": [1024, 1024],
                             "train.batch_size": 8})  # fmt: skip
     write_params(tmp_path / "params.yaml", params)
-    cmd = [sys.executable, "-m", "optlab.stages.train", *train_args(data)]
+    cmd = [sys.executable, str(REPO / "stages" / "train.py"), *train_args(data)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     curve, seen, deadline = tmp_path / "live/plots/metrics/val/accuracy.tsv", {}, time.time() + 300
     while proc.poll() is None and time.time() < deadline:
