@@ -63,7 +63,9 @@ def timed_sweep(root: Path, env: dict, *args: str) -> tuple[float, float]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
-    out = sh(root, sys.executable, "-m", "optlab.cli", "sweep", *[a for g in GRID for a in ("-S", g)], *args, env=env)
+    out = sh(
+        root, sys.executable, "-m", "optlab.study.cli", "sweep", *[a for g in GRID for a in ("-S", g)], *args, env=env
+    )
     wall = time.perf_counter() - started
     done.set()
     sampler.join()
@@ -89,7 +91,7 @@ def main() -> None:
             sh(root, "git", "config", key, value)
         conf = root / "conf/config.yaml"
         conf.write_text(conf.read_text().replace("  epochs: 20", f"  epochs: {args.epochs}", 1))
-        sh(root, sys.executable, "-m", "optlab.cli", "params", env=env)
+        sh(root, sys.executable, "-m", "optlab.study.cli", "params", env=env)
         sh(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "storage", str(storage), env=env)
         sh(root, sys.executable, "-m", "dvc", "repro", "-q", "prepare", env=env)
         sh(root, sys.executable, "-m", "dvc", "push", "-q", env=env)

@@ -2,10 +2,18 @@
 worker processes run tasks at once), with a local bare git repository as the git remote and a
 local directory as the DVC remote: every experiment pushed once, pulled back by a separate clone
 and ranked by optlab compare, with a worker killed mid-run and its task retried; a repeated
-sweep that trains nothing; and what is refused before anything is submitted."""
+sweep that trains nothing; and what is refused before anything is submitted.
+
+And on DVC's own queue (``--executor local``): a sweep whose queue worker is SIGKILLed while it
+trains still runs every point exactly once; the DVC internals that relies on, on a tiny DVC
+project whose stage sleeps; and the pieces that need no DVC (the verdict on a running task, the
+Celery log, the account)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import json
 import os
 import re
 import signal
@@ -15,14 +23,19 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import REPO, write_experiment
 from optlab.core.errors import OptlabError
-from optlab.study import sweep
+from optlab.study import queue, sweep
 
-pytestmark = pytest.mark.slow
-ray = pytest.importorskip("ray", reason="Ray is optlab's [ray] extra, which make install installs")
+slow = pytest.mark.slow
+# The tests that share the module's project (and its Ray cluster) run on one xdist worker.
+shared_project = pytest.mark.xdist_group("sweep-project")
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="Ray is optlab's [ray] extra, which make install installs"
+)
 
 SMALL = {"dataset": "digits", "model.hidden": [32], "train.epochs": 2, "train.batch_size": 64,
          "schedule": "constant", "train.diagnostics": False}  # fmt: skip
@@ -53,7 +66,7 @@ def env() -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, env) -> Path:
     """optlab on digits, committed and pushed to a bare git remote, with a local DVC remote."""
-    from test_pipeline import copy_checkout
+    from project import copy_checkout
 
     base = tmp_path_factory.mktemp("sweep")
     root, remote, storage = base / "optlab", base / "remote.git", base / "storage"
@@ -87,7 +100,7 @@ def cluster(env, project):
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env={**os.environ, **env})
 
 
-GRID = ["optimizer=adam,sgd", "seed=range(0,2)"]
+GRID = ["optimizer=adam,sgd", "seed=0"]  # two points: one runs while the other is killed and retried
 
 
 def _remote_experiments(project: Path, env: dict) -> list[str]:
@@ -95,6 +108,9 @@ def _remote_experiments(project: Path, env: dict) -> list[str]:
     return [line.rsplit("/", 1)[-1] for line in refs.splitlines()]
 
 
+@slow
+@needs_ray
+@shared_project
 def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experiment_comes_back(
     project, cluster, env, tmp_path
 ):
@@ -118,10 +134,10 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
         time.sleep(0.5)
     out = proc.communicate(timeout=900)[0]
     seconds = time.perf_counter() - started
-    print(f"\n[record] 4 experiments on a 2-CPU local Ray cluster, one worker killed: {seconds:.0f} s")
+    print(f"\n[record] 2 experiments on a 2-CPU local Ray cluster, one worker killed: {seconds:.0f} s")
     assert killed, f"no task was caught mid-run:\n{out}"
     assert proc.returncode == 0, out
-    assert out.count("| pushed |") == 4 and "0 failed" in out, out
+    assert out.count("| pushed |") == 2 and "0 failed" in out, out
     pushed = _remote_experiments(project, env)
     assert sorted(pushed) == sorted(names)  # the killed one retried: none lost, none duplicated
     assert (logs / f"{killed}.log").read_text().count("pid ") >= 2, "the killed task was not tried again"
@@ -136,27 +152,23 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
 
     assert cli.main(["compare", "--repo", str(other), "--all-commits", "--baseline", names[0]]) == 0
     report = (other / "reports/compare.md").read_text()
-    assert "optimizer=sgd" in report and "| 2 |" in report  # two seeds per variant, ranked
+    assert "optimizer=sgd" in report and "optimizer=adam" in report  # both variants, ranked
 
 
+@slow
+@needs_ray
+@shared_project
 def test_the_same_sweep_again_trains_nothing(project, cluster, env):
     started = time.perf_counter()
     account = sweep.sweep(project, GRID, "ray", cluster, progress=False)
-    assert [account.status[n] for n, _ in account.points] == ["already pushed"] * 4
+    assert [account.status[n] for n, _ in account.points] == ["already pushed"] * 2
     assert not account.failed
     print(f"\n[record] the same 4-experiment sweep again: {time.perf_counter() - started:.1f} s")
 
 
-def test_the_local_executor_runs_the_grid_on_dvcs_queue_and_not_twice(project):
-    grid = ["optimizer=adam", "seed=range(8,10)"]
-    account = sweep.sweep(project, grid, "local", jobs=2, progress=False)
-    assert [account.status[n] for n, _ in account.points] == ["done", "done"] and not account.failed
-    shown = sh(project, sys.executable, "-m", "dvc", "exp", "show", "--csv")
-    assert all(n in shown for n, _ in account.points)  # the deterministic names, as experiments here
-    again = sweep.sweep(project, grid, "local", progress=False)
-    assert [again.status[n] for n, _ in again.points] == ["already run", "already run"]
-
-
+@slow
+@needs_ray
+@shared_project
 def test_what_a_cluster_could_not_reproduce_is_refused_before_anything_runs(project, tmp_path, env):
     with pytest.raises(OptlabError, match="expands to no experiment|grid is empty"):
         sweep.grid([])
@@ -198,3 +210,216 @@ def test_the_grid_is_dvcs_own_expansion():
     assert len(points) == 6 and ["optimizer=sgd", "seed=2", "train.epochs=5"] in points
     a, b = (sweep.experiment_name("0123456789", p) for p in (["seed=1", "optimizer=sgd"], ["optimizer=sgd", "seed=1"]))
     assert a == b and a.startswith("sweep-0123456") and re.fullmatch(r"[\w-]+", a)
+
+
+# --- --executor local: DVC's queue, supervised --------------------------------------------------
+def _dvc_cmd(cwd: Path, *args: str, env: dict) -> str:
+    return sh(cwd, sys.executable, "-m", "dvc", *args, env=env)
+
+
+def _kill_a_training_worker(repo: Path) -> str | None:
+    """SIGKILL the queue worker of an experiment whose train stage runs; its name, or None."""
+    snap = queue.snapshot(repo)
+    for entry in snap.entries:
+        executor = snap.executors.get(entry.rev)
+        if executor is None or not executor.alive or executor.parent not in snap.workers:
+            continue
+        with contextlib.suppress(psutil.Error):
+            stages = psutil.Process(executor.pid).children(recursive=True)
+            if any("stages/train.py" in " ".join(p.cmdline()) for p in stages):
+                os.kill(executor.parent, signal.SIGKILL)
+                return entry.name
+    return None
+
+
+def _queue_leftovers(repo: Path, names: list[str]) -> list[str]:
+    """This sweep's tasks still queued or running, and executor processes still alive."""
+    snap = queue.snapshot(repo)
+    left = [f"{e.name} {e.state}" for e in snap.entries if e.name in names and e.state != queue.FINISHED]
+    for p in psutil.process_iter(["cmdline"]):
+        if "exec-run" in (p.info["cmdline"] or []) and str(repo) in " ".join(p.info["cmdline"]):
+            left.append(f"executor {p.pid} alive")
+    return left
+
+
+LOCAL_GRID = ["optimizer=adam", "seed=range(20,23)"]
+
+
+@slow
+@shared_project
+def test_a_local_sweep_whose_queue_worker_is_killed_still_runs_every_point_once(project, env):
+    commit = sh(project, "git", "rev-parse", "HEAD").strip()
+    names = [sweep.experiment_name(commit, p) for p in sweep.grid(LOCAL_GRID)]
+    cmd = [sys.executable, "-m", "optlab.study.cli", "sweep", *[a for g in LOCAL_GRID for a in ("-S", g)],
+           "-j", "2", "--repo", str(project)]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env})  # fmt: skip
+    killed, deadline = None, time.time() + 600
+    while killed is None and time.time() < deadline and proc.poll() is None:
+        killed = _kill_a_training_worker(project)
+        time.sleep(0.5)
+    out = proc.communicate(timeout=900)[0]
+    seconds = time.perf_counter() - started
+    print(f"\n[record] 3 digits experiments on DVC's queue -j 2, a worker SIGKILLed while it trained: {seconds:.0f} s")
+    assert killed in names, f"no worker was caught while it trained:\n{out}"
+    assert proc.returncode == 0, out
+    assert f"optlab sweep: {killed}: Running, but no live queue worker holds it" in out, out
+    assert re.search(rf"\| {killed} \| .* \| done \((2|3) tries\) \|", out), out
+    assert out.count(" | done") == 3 and "3 done, 0 failed" in out, out
+    listed = _dvc_cmd(project, "exp", "list", "--all-commits", "--name-only", env=env).split()
+    assert sorted(n for n in listed if n in names) == sorted(names)  # each point once: none lost, none twice
+    shown = json.loads(_dvc_cmd(project, "exp", "show", "--json", env=env))
+    shown_names = [r.get("name") for b in shown for e in (b.get("experiments") or []) for r in e["revs"]]
+    assert sorted(n for n in shown_names if n in names) == sorted(names)
+    assert _queue_leftovers(project, names) == []  # nothing stuck Running or Queued, no orphan left
+
+    started = time.perf_counter()
+    again = sweep.sweep(project, LOCAL_GRID, "local", jobs=2, progress=False)
+    assert [again.status[n] for n, _ in again.points] == ["already run"] * 3 and not again.failed
+    assert "3 already run, 0 failed" in again.summary()
+    print(f"\n[record] the same sweep again: {time.perf_counter() - started:.1f} s")
+
+
+@pytest.fixture
+def napping(tmp_path, env) -> Path:
+    """A tiny git + DVC project whose one stage sleeps `nap` seconds: DVC's queue without training."""
+    root = tmp_path / "napping"
+    root.mkdir()
+    (root / "params.yaml").write_text("nap: 60\n")
+    nap = "import time, yaml\ntime.sleep(yaml.safe_load(open('params.yaml'))['nap'])\nopen('out.txt', 'w').write('z')\n"
+    (root / "nap.py").write_text(nap)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  nap:\n    cmd: python nap.py\n    deps: [nap.py]\n    params: [nap]\n    outs: [out.txt]\n"
+    )
+    sh(root, "git", "init", "-q", "-b", "main")
+    sh(root, "git", "config", "user.name", "optlab test")
+    sh(root, "git", "config", "user.email", "test@optlab.invalid")
+    _dvc_cmd(root, "init", "-q", env=env)
+    sh(root, "git", "add", "-A")
+    sh(root, "git", "commit", "-q", "-m", "a stage that naps")
+    return root
+
+
+def _wait_for(what, timeout: float = 180.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if found := what():
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what.__doc__}")
+
+
+@slow
+def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env):
+    """What optlab.study.queue reads and repairs (its docstring lists it), on the installed DVC:
+    written against dvc 3.67.1 and dvc-task 0.40.2, it fails if an upgrade changes one."""
+    queue.queue_point(napping, "long", ["nap=120"], env)
+    (entry,) = queue.snapshot(napping).of("long")
+    assert entry.state == queue.QUEUED and re.fullmatch(r"[0-9a-f]{40}", entry.rev)
+    queue.start_workers(napping, 1, env)
+
+    def napping_executor():
+        """the stage to run under a live executor"""
+        snap = queue.snapshot(napping)
+        ex = snap.executors.get(entry.rev)
+        kids = psutil.Process(ex.pid).children(recursive=True) if ex and ex.alive else []
+        return (snap, ex) if any("nap.py" in " ".join(k.cmdline()) for k in kids) else None
+
+    snap, executor = _wait_for(napping_executor)
+    (running,) = snap.of("long")
+    (worker,) = snap.workers
+    assert running.state == queue.RUNNING and running.task_id
+    assert executor.parent == worker and re.fullmatch(r"dvc-exp-[0-9a-f]{6}-1@localhost", snap.workers[worker])
+    assert queue.verdict(executor, snap.workers) == queue.HELD == snap.verdict(running)
+    run_dir = napping / ".dvc/tmp/exps/run" / entry.rev
+    assert {p.name for p in run_dir.iterdir()} >= {f"{entry.rev}{ext}" for ext in (".json", ".out", ".run")}
+    copy = Path(json.loads((run_dir / f"{entry.rev}.run").read_text())["root_dir"])
+    assert copy.parent == napping / ".dvc/tmp/exps" and copy.is_dir()
+    assert queue.recover(napping, running, snap) is False  # its live worker holds it: nothing touched
+    assert psutil.Process(executor.pid).is_running() and run_dir.is_dir()
+
+    os.kill(worker, signal.SIGKILL)
+    _wait_for(lambda: not queue.snapshot(napping).workers)
+    snap = queue.snapshot(napping)
+    orphan = snap.executors[entry.rev]
+    assert [e.state for e in snap.of("long")] == [queue.RUNNING]  # what DVC still says, for ever
+    assert orphan.alive and snap.verdict(snap.of("long")[0]) == queue.ORPHANED
+    _dvc_cmd(napping, "queue", "stop", env=env)  # a shutdown for every worker, waiting in the dead one's queue
+    assert queue.clean_broker(napping, snap.workers) >= 1
+    inbox = napping / ".dvc/tmp/exps/celery/broker/in"
+    assert not [p for p in inbox.iterdir() if "@localhost.celery.pidbox" in p.name]
+    assert queue.recover(napping, snap.of("long")[0], snap) is True
+    assert not psutil.pid_exists(orphan.pid) or psutil.Process(orphan.pid).status() == psutil.STATUS_ZOMBIE
+    assert queue.snapshot(napping).of("long") == [] and not run_dir.exists() and not copy.exists()
+
+    # The queue works again, and one worker runs both (a stale shutdown would stop it after one).
+    for name in ("short", "long"):
+        queue.queue_point(napping, name, ["nap=1"], env)
+    queue.start_workers(napping, 1, env)
+
+    def both_done():
+        """both experiments in the repository"""
+        snap = queue.snapshot(napping)
+        return snap if {"short", "long"} <= snap.experiments else None
+
+    snap = _wait_for(both_done)
+    assert [e.state for e in snap.of("long")] == [queue.FINISHED]
+    assert "Reproducing experiment 'long'" in queue.log_tail(napping, snap.of("long")[0])  # dvc queue logs
+
+
+def test_a_running_task_is_orphaned_once_its_worker_is_gone():
+    worker, other = 100, 200
+    assert queue.verdict(queue.Proc(7, alive=True, parent=worker), {worker: "n-1"}) == queue.HELD
+    assert queue.verdict(queue.Proc(7, alive=True, parent=1), {other: "n-2"}) == queue.ORPHANED  # reparented
+    assert queue.verdict(queue.Proc(7, alive=False), {}) == queue.ORPHANED
+    assert queue.verdict(None, {}) == queue.ORPHANED  # taken, then its worker died before starting it
+    # No executor process while a worker runs no other task: copying the repository for it, or collecting it.
+    assert queue.verdict(None, {other: "n-2"}) == queue.UNSURE
+    assert queue.verdict(queue.Proc(7, alive=False), {other: "n-2"}, busy=()) == queue.UNSURE
+    # Every live worker runs another task's executor: this one's worker is gone.
+    assert queue.verdict(None, {worker: "n-1", other: "n-2"}, busy={worker, other}) == queue.ORPHANED
+    assert queue.verdict(None, {worker: "n-1", other: "n-2"}, busy={worker}) == queue.UNSURE
+
+
+CELERY_LOG = """[2026-12-01 20:50:14,772: INFO/MainProcess] dvc-exp-58aae1-1@localhost ready.
+[2026-12-01 20:50:14,773: INFO/MainProcess] Task dvc.repo.experiments.queue.tasks.run_exp[abc-1] received
+[2026-12-01 20:50:15,001: ERROR/MainProcess] Task dvc.repo.experiments.queue.tasks.run_exp[abc-1] raised: LockError()
+Traceback (most recent call last):
+  File "celery/app/trace.py", line 453, in trace_task
+dvc.lock.LockError: '.dvc/tmp/exps/refs/exps/celery/stash' is busy
+[2026-12-01 20:50:16,000: INFO/MainProcess] Task dvc.repo.experiments.queue.tasks.run_exp[def-2] received
+"""
+
+
+def test_a_tasks_lines_are_found_in_the_celery_worker_log():
+    lines = queue.task_lines(CELERY_LOG, "abc-1").splitlines()
+    assert lines[0].endswith("run_exp[abc-1] received") and lines[-1].startswith("dvc.lock.LockError")
+    assert len(lines) == 5 and queue.task_lines(CELERY_LOG, "zzz") == ""
+    # A worker's control messages, by kombu's file name; replies and tasks are no worker's.
+    assert queue._pidbox_node("4032785_2541ff86.dvc-exp-3fd326-1@localhost.celery.pidbox.msg") == (
+        "dvc-exp-3fd326-1@localhost"
+    )
+    assert not queue._pidbox_node("2815251_c815d125.01672884-e9dd.reply.celery.pidbox.msg").startswith("dvc-exp")
+    assert queue._pidbox_node("2798921_55b9f448.celery.msg") == ""
+    assert queue.node_prefix("/r/.dvc/tmp/exps/celery").startswith("dvc-exp-")
+
+
+def test_the_account_names_what_became_of_every_point():
+    points = [(f"sweep-0123456-{i}", [f"seed={i}"]) for i in range(5)]
+    account = sweep.Account(points, seconds=61.4)
+    account.status.update({points[0][0]: "done", points[1][0]: "already run", points[2][0]: "done",
+                           points[3][0]: "failed"})  # fmt: skip
+    account.tries[points[2][0]] = 2
+    account.notes[points[2][0]] = ["try 1: its DVC queue worker died while it ran"]
+    account.errors[points[3][0]] = "Traceback ...\nValueError: bad"
+    table = account.table()
+    assert "| sweep-0123456-0 | seed=0 | done |" in table and "| sweep-0123456-1 | seed=1 | already run |" in table
+    assert "| sweep-0123456-2 | seed=2 | done (2 tries) |" in table
+    assert "| sweep-0123456-4 | seed=4 | never run |" in table
+    assert "sweep-0123456-2: try 1: its DVC queue worker died" in table
+    assert "sweep-0123456-3 failed:\nTraceback ...\nValueError: bad" in table
+    assert account.failed == ["sweep-0123456-3", "sweep-0123456-4"]
+    assert account.summary() == ("5 experiments in 61 s: 2 done, 1 already run, 1 failed, 1 never run (1 tried again)")
+    with pytest.raises(OptlabError, match="--retries at least 0"):
+        sweep.sweep(REPO, ["seed=1"], "local", retries=-1, progress=False)

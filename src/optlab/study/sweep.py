@@ -7,7 +7,9 @@ experiment with a name that depends only on the commit and its params (:func:`ex
 which is what makes a sweep idempotent: a point whose experiment is already in the git remote is
 not run again, so a sweep started again after a crash runs only what is missing.
 
-- ``local``: ``dvc exp run --queue`` for each point, then ``dvc queue start -j N``: DVC's queue.
+- ``local``: ``dvc exp run --queue`` for each point, then ``dvc queue start -j N``: DVC's queue,
+  supervised until every point is done or has failed (:mod:`optlab.study.sweep_local`): a point
+  whose queue worker dies is cleaned up and queued again, and so is a failed one (``--retries``).
 - ``ray``: one Ray task per point (:func:`run_point`): a fresh clone of the git remote at the
   commit, the prepared data from the DVC remote (or the prepare stage where the remote lacks
   it), ``dvc exp run`` with the point's params and name, then ``dvc exp push`` (git refs and
@@ -27,16 +29,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from optlab.core.errors import OptlabError
+from optlab.study import shell
+from optlab.study.shell import LOG_TAIL
 
 EXECUTORS = ("local", "ray")
 PREPARED_STAGES = ("download", "prepare")  # what every point shares: pulled, not recomputed
-LOG_TAIL = 2000  # characters of a failed task's log in the account
-QUEUE_IDLE_S = 120  # queued experiments and no DVC queue worker this long: an error, not a wait
+DONE = ("done", "already run", "pushed", "already pushed")  # what a point that needs nothing more is
 
 
 # --- the grid ---------------------------------------------------------------------------------
@@ -67,22 +71,9 @@ def experiment_name(commit: str, overrides: Sequence[str]) -> str:
 
 
 # --- git and DVC around the repository ---------------------------------------------------------
-def _run(args: Sequence[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(
-        list(args), cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False
-    )
-    if check and done.returncode != 0:
-        raise OptlabError(f"`{' '.join(args)}` failed in {cwd}: {(done.stderr or done.stdout).strip()[-LOG_TAIL:]}")
-    return done
-
-
-def _dvc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
-
-
 def pushed_experiments(repo: Path, git_remote: str) -> set[str]:
     """The names of the experiments the git remote holds (``dvc exp list <remote>``)."""
-    done = _run(_dvc("exp", "list", "--all-commits", "--name-only", git_remote), repo)
+    done = shell.run(shell.dvc("exp", "list", "--all-commits", "--name-only", git_remote), repo)
     return {line.strip() for line in done.stdout.splitlines() if line.strip()}
 
 
@@ -99,23 +90,23 @@ def check_repository(repo: Path, git_remote: str) -> Checkout:
     """Refuse, before anything is submitted, what a remote clone could not reproduce."""
     if not (repo / ".git").exists() or not (repo / "dvc.yaml").is_file():
         raise OptlabError(f"{repo} is not an optlab checkout (a git repository with dvc.yaml)")
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], repo).stdout.strip()
+    dirty = shell.run(["git", "status", "--porcelain", "--untracked-files=no"], repo).stdout.strip()
     if dirty:
         raise OptlabError(
             f"uncommitted changes ({', '.join(line[3:] for line in dirty.splitlines()[:5])}): a clone of the git "
             "remote would not see them; commit and push them first"
         )
-    url = _run(["git", "remote", "get-url", git_remote], repo, check=False)
+    url = shell.run(["git", "remote", "get-url", git_remote], repo, check=False)
     if url.returncode != 0:
         raise OptlabError(
             f"no git remote {git_remote!r}: each task clones the repository from it; add one with "
             f"`git remote add {git_remote} <url>` and push (or pass --git-remote)"
         )
-    commit = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    contains = _run(["git", "branch", "-r", "--contains", commit], repo, check=False).stdout.strip()
+    commit = shell.run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    contains = shell.run(["git", "branch", "-r", "--contains", commit], repo, check=False).stdout.strip()
     if not contains:
         raise OptlabError(f"commit {commit[:7]} is not in any remote branch: push it first (`git push {git_remote}`)")
-    remote = _run(_dvc("remote", "default"), repo, check=False)
+    remote = shell.run(shell.dvc("remote", "default"), repo, check=False)
     if remote.returncode != 0 or not remote.stdout.strip():
         raise OptlabError(
             "no default DVC remote: each task pulls the prepared data from it and pushes its outputs to it; add one "
@@ -178,14 +169,14 @@ def run_point(checkout: Checkout, overrides: Sequence[str], name: str, threads: 
         (work / "repo").mkdir()
         step("git", "clone", "-q", checkout.url, ".")
         step("git", "checkout", "-q", checkout.commit)
-        listed = step(*_dvc("exp", "list", "--all-commits", "--name-only", "origin"))
+        listed = step(*shell.dvc("exp", "list", "--all-commits", "--name-only", "origin"))
         if name in listed.stdout.split():
             return {"name": name, "status": "already pushed", "log": "\n".join(lines)}
-        pulled = step(*_dvc("pull", "-q", *PREPARED_STAGES), check=False)
+        pulled = step(*shell.dvc("pull", "-q", *PREPARED_STAGES), check=False)
         if pulled.returncode != 0:  # the remote lacks them: compute them here
-            step(*_dvc("repro", "-q", *PREPARED_STAGES))
-        step(*_dvc("exp", "run", "--name", name, *[a for o in overrides for a in ("-S", o)]))
-        step(*_dvc("exp", "push", "origin", name))
+            step(*shell.dvc("repro", "-q", *PREPARED_STAGES))
+        step(*shell.dvc("exp", "run", "--name", name, *[a for o in overrides for a in ("-S", o)]))
+        step(*shell.dvc("exp", "push", "origin", name))
         return {"name": name, "status": "pushed", "log": "\n".join(lines)}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -197,27 +188,51 @@ class Account:
     """What became of every grid point."""
 
     points: list[tuple[str, list[str]]]  # (name, overrides), in grid order
-    status: dict[str, str] = field(default_factory=dict)  # name -> pushed | already pushed | failed | never run
-    errors: dict[str, str] = field(default_factory=dict)  # name -> the tail of its log
+    # name -> done | already run (local), pushed | already pushed (ray), failed; never run if absent
+    status: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # name -> the tail of its (last try's) log
+    tries: dict[str, int] = field(default_factory=dict)  # name -> tries it took, where more than one
+    notes: dict[str, list[str]] = field(default_factory=dict)  # name -> how each earlier try ended
     seconds: float = 0.0
 
+    def result(self, name: str) -> str:
+        status = self.status.get(name, "never run")
+        tries = self.tries.get(name, 1)
+        return f"{status} ({tries} tries)" if tries > 1 else status
+
     def table(self) -> str:
-        rows = [f"| {n} | {' '.join(o)} | {self.status.get(n, 'never run')} |" for n, o in self.points]
+        rows = [f"| {n} | {' '.join(o)} | {self.result(n)} |" for n, o in self.points]
         lines = ["| experiment | params | result |", "|---|---|---|", *rows]
+        for name, notes in self.notes.items():
+            lines += ["", f"{name}: " + "; ".join(notes)]
         for name, error in self.errors.items():
             lines += ["", f"{name} failed:", error]
         return "\n".join(lines)
 
     @property
     def failed(self) -> list[str]:
-        return [
-            n for n, _ in self.points if self.status.get(n) not in ("pushed", "already pushed", "already run", "done")
-        ]
+        return [n for n, _ in self.points if self.status.get(n) not in DONE]
+
+    def summary(self) -> str:
+        """One line: how many points ended each way, and how many needed more than one try."""
+        counts = Counter(self.status.get(n, "never run") for n, _ in self.points)
+        parts = [f"{counts[s]} {s}" for s in DONE if counts[s]] + [f"{counts['failed']} failed"]
+        parts += [f"{counts['never run']} never run"] if counts["never run"] else []
+        retried = sum(1 for n, _ in self.points if self.tries.get(n, 1) > 1)
+        again = f" ({retried} tried again)" if retried else ""
+        return f"{len(self.points)} experiments in {self.seconds:.0f} s: {', '.join(parts)}{again}"
 
 
-def sweep(
+def sweep(repo: str | Path, sets: Sequence[str], executor: str = "local", address: str | None = None,
+          **options) -> Account:  # fmt: skip
+    """Run every point of the grid ``sets`` with ``executor``; see the module's docstring and
+    :func:`run_points` for the options."""
+    return run_points(repo, grid(sets), executor, address, **options)
+
+
+def run_points(
     repo: str | Path,
-    sets: Sequence[str],
+    points: Sequence[Sequence[str]],
     executor: str = "local",
     address: str | None = None,
     jobs: int = 2,
@@ -228,79 +243,25 @@ def sweep(
     log_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Account:
-    """Run every point of the grid ``sets`` with ``executor``; see the module's docstring."""
+    """Run one experiment per point (its ``-S`` overrides; a sweep's grid, a study's trials) with
+    ``executor``, each named by the commit and its overrides, so one that exists is not run again."""
     repo = Path(repo).resolve()
     if executor not in EXECUTORS:
         raise OptlabError(f"unknown executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
-    points = grid(sets)
-    commit = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    named = [(experiment_name(commit, o), o) for o in points]
-    account = Account(named)
+    if jobs < 1 or retries < 0:
+        raise OptlabError(f"-j must be at least 1 and --retries at least 0 (got -j {jobs}, --retries {retries})")
+    commit = shell.head(repo)
+    named = [(experiment_name(commit, o), list(o)) for o in points]
+    account = Account(list(dict((n, (n, o)) for n, o in named).values()))  # a point listed twice runs once
     started = time.perf_counter()
     if executor == "local":
-        _sweep_local(repo, account, jobs, cpus_per_run, progress)
+        from optlab.study import sweep_local
+
+        sweep_local.run(repo, account, jobs, cpus_per_run, retries, progress)
     else:
         _sweep_ray(repo, account, address, cpus_per_run, gpus_per_run, git_remote, retries, log_dir, progress)
     account.seconds = time.perf_counter() - started
     return account
-
-
-def _sweep_local(repo: Path, account: Account, jobs: int, threads: int, progress: bool) -> None:
-    """DVC's own queue on this machine."""
-    # DVC's queue workers, and the `python` of each stage, from this interpreter's environment
-    # (a venv used without activating it would otherwise leave them to whatever PATH finds).
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {"OPTLAB_THREADS": str(threads), "DVC_NO_ANALYTICS": "1", "PATH": path}
-    existing = set(_run(_dvc("exp", "list", "--all-commits", "--name-only"), repo).stdout.split())
-    todo = []
-    for name, overrides in account.points:
-        if name in existing:
-            account.status[name] = "already run"  # an experiment of this repository already
-            continue
-        _run(_dvc("exp", "run", "--queue", "--name", name, *[a for o in overrides for a in ("-S", o)]), repo, env)
-        todo.append(name)
-    if todo:
-        _run(_dvc("queue", "start", "-j", str(jobs)), repo, env)
-    bar = _bar(len(account.points), progress, initial=len(account.points) - len(todo))
-    idle_since = None
-    try:
-        while todo:
-            status = _queue_status(repo)
-            if status.get("Worker") == "0" and not any(status.get(n) == "Running" for n in todo):
-                idle_since = idle_since or time.monotonic()
-                if time.monotonic() - idle_since > QUEUE_IDLE_S:
-                    raise OptlabError(
-                        f"DVC's queue has {len(todo)} experiments queued and no worker for {QUEUE_IDLE_S} s: see "
-                        "`dvc queue status` and `dvc queue logs <name>`; `dvc queue start -j N` starts workers"
-                    )
-            else:
-                idle_since = None
-            for name in list(todo):
-                state = status.get(name)
-                if state in ("Success", "Failed"):
-                    todo.remove(name)
-                    account.status[name] = "done" if state == "Success" else "failed"
-                    if state == "Failed":
-                        account.errors[name] = _run(_dvc("queue", "logs", name), repo, check=False).stdout[-LOG_TAIL:]
-                    bar.update(1)
-            running = sum(1 for n in todo if status.get(n) == "Running")
-            bar.set_postfix(running=running, failed=len(account.errors))
-            time.sleep(1)
-    finally:
-        bar.close()
-        _run(_dvc("queue", "stop"), repo, check=False)
-
-
-def _queue_status(repo: Path) -> dict[str, str]:
-    out = _run(_dvc("queue", "status"), repo).stdout.splitlines()
-    status = {}
-    for line in out[1:]:
-        words = line.split()
-        if line.startswith("Worker status:") and len(words) >= 3:
-            status["Worker"] = words[2]  # "Worker status: N active, M idle"
-        elif len(words) >= 2:
-            status[words[1]] = words[-1]
-    return status
 
 
 def _bar(total: int, shown: bool, initial: int = 0):
@@ -369,4 +330,4 @@ def _sweep_ray(repo, account, address, cpus, gpus, git_remote, retries, log_dir,
         ray.shutdown()
     names = [n for n, _ in account.points if account.status.get(n) in ("pushed", "already pushed")]
     if names:
-        _run(_dvc("exp", "pull", git_remote, *names), repo)
+        shell.run(shell.dvc("exp", "pull", git_remote, *names), repo)
