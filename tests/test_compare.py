@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from optlab.core.errors import OptlabError
 from optlab.core.params import compose
 from optlab.evaluation.metrics import describe
@@ -33,7 +34,8 @@ FAKE_TRAIN = textwrap.dedent(
     p = yaml.safe_load(open("params.yaml"))
     BASE = {"adam": 0.88, "rmsprop": 0.90, "sgd": 0.80}
     NOISE = [0.01, -0.01, 0.0, 0.005, -0.005]
-    opt, epochs, hidden = p["optimizer"]["name"], p["train"]["epochs"], p["model"]["hidden"]
+    opt, epochs, hidden = p["optimizer"], p["train"]["epochs"], p["model"]["hidden"]
+    opt = opt["name"] if isinstance(opt, dict) else opt  # an older commit's layout: optimizer: adam
     best = BASE[opt] + NOISE[(p["seed"] + len(opt)) % 5]
     rate = 0.5 if opt == "sgd" else 1.0
     curve = [best - (best - 0.5) * math.exp(-rate * e) for e in range(1, epochs + 1)]
@@ -97,7 +99,7 @@ DVC_YAML = textwrap.dedent(
 # optlab's layout: conf/config.yaml and a config group of optimizers, which `dvc exp run`
 # composes into params.yaml (Hydra), so each run starts from conf/ plus its own -S.
 CONF = {
-    "defaults": [{"optimizer": "adam"}, "_self_"],
+    "defaults": [{"optimizer": "adam"}, {"schedule": "constant"}, "_self_"],
     "dataset": "fashion_mnist",
     "seed": 0,
     "prepare": {"val_fraction": 0.1},
@@ -109,6 +111,7 @@ OPTIMIZERS = {
     "sgd": {"name": "sgd", "learning_rate": 0.01, "momentum": 0.9},
     "rmsprop": {"name": "rmsprop", "learning_rate": 0.001},
 }
+SCHEDULES = {"constant": {"name": "constant"}}
 
 
 def _env() -> dict[str, str]:
@@ -146,10 +149,12 @@ def make_project(path: Path, commit: bool = True) -> Path:
         git_init(path)
     dvc(path, "init", "-q")
     dvc(path, "config", "hydra.enabled", "true")
-    (path / "conf/optimizer").mkdir(parents=True)
+    (path / "conf/config.yaml").parent.mkdir(parents=True)
     (path / "conf/config.yaml").write_text(yaml.safe_dump(CONF, sort_keys=False))
-    for name, knobs in OPTIMIZERS.items():
-        (path / f"conf/optimizer/{name}.yaml").write_text(yaml.safe_dump(knobs, sort_keys=False))
+    for group, options in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        (path / "conf" / group).mkdir()
+        for name, knobs in options.items():
+            (path / f"conf/{group}/{name}.yaml").write_text(yaml.safe_dump(knobs, sort_keys=False))
     compose(path)
     (path / "prepare.py").write_text(FAKE_PREPARE)
     (path / "train.py").write_text(FAKE_TRAIN)
@@ -310,6 +315,7 @@ def _rows(report: str, section: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_compare_end_to_end(project, capsys):
     assert cli.main(["compare", "--repo", str(project)]) == 0
     report = (project / "reports/compare.md").read_text()
@@ -335,6 +341,7 @@ def test_compare_end_to_end(project, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_compare_against_another_baseline(project, tmp_path):
     out = tmp_path / "vs-sgd.md"
     assert cli.main(["compare", "--repo", str(project), "--baseline", "sgd-1", "--all-commits", "--out", str(out)]) == 0
@@ -343,6 +350,7 @@ def test_compare_against_another_baseline(project, tmp_path):
     assert (tmp_path / "vs-sgd-accuracy.png").exists()
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_compare_user_errors(project, tmp_path, capsys):
     assert cli.main(["compare", "--repo", str(project), "--baseline", "nope", "--out", str(tmp_path / "x.md")]) == 2
     assert "error: no run with test metrics matches --baseline 'nope'" in capsys.readouterr().err
@@ -355,6 +363,7 @@ def test_compare_user_errors(project, tmp_path, capsys):
     assert "error: " in capsys.readouterr().err
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_exp_show_records_carry_params_metrics_and_data_hash(project):
     states = list(experiments.iter_states(experiments.exp_show(project)))
     names = {s["name"] for s in states}
@@ -403,6 +412,7 @@ def test_a_dependency_inside_an_output_is_a_result_not_code():
     assert len(group_runs(runs)) == 1
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_the_report_states_the_threshold_it_was_given(project, tmp_path):
     out = tmp_path / "t.md"
     assert cli.main(["compare", "--repo", str(project), "--threshold", "0.9", "--out", str(out)]) == 0
@@ -425,21 +435,45 @@ def test_a_knob_set_to_its_default_is_the_same_variant_as_one_left_out():
     assert groups[1].params["train.keep_best"] is True and groups[0].params["optimizer.beta_2"] == 0.999
 
 
-def test_knobs_of_an_optimizer_not_in_use_do_not_split_a_variant():
-    # The older layout kept every optimizer's knobs: sgd's learning rate is not adam's variant.
-    legacy = {"optimizer": "adam", "optim.adam.learning_rate": 0.001, "schedule": "constant", "sched.step.factor": 0.5}
-    runs = [
-        experiments.Run(f"r{s}", f"r{s}", experiments.in_use({**legacy, "seed": s, "optim.sgd.learning_rate": lr,
-                                                               "sched.step.factor": f}), {"accuracy": 0.8})
-        for s, lr, f in ((0, 0.01, 0.5), (1, 0.1, 0.5), (2, 0.05, 0.9))
-    ]  # fmt: skip
-    (group,) = group_runs(runs)
-    assert len(group.runs) == 3 and "optim.sgd.learning_rate" not in group.params
-    assert group.params["optim.adam.learning_rate"] == 0.001
-    other = experiments.Run(
-        "x", "x", experiments.in_use({**legacy, "optim.adam.learning_rate": 0.01}), {"accuracy": 0.8}
-    )
-    assert compare.label_against(group_runs([other])[0], group) == "optim.adam.learning_rate=0.01"
+# An older commit's layout: the optimizer by name, every option's knobs in blocks of their own.
+LEGACY_PARAMS = {
+    "optimizer": "adam",
+    "schedule": "constant",
+    "optim": {"adam": {"learning_rate": 0.001}, "sgd": {"learning_rate": 0.01, "momentum": 0.9}},
+    "sched": {"step": {"every_epochs": 5, "factor": 0.5}},
+    "dataset": "fashion_mnist",
+    "seed": 1,
+    "prepare": {"val_fraction": 0.1},
+    "model": {"hidden": [64]},
+    "train": {"epochs": 4},
+}
+
+
+def test_runs_with_another_params_layout_are_left_out_and_counted(tmp_path):
+    import yaml
+
+    today = experiments.flatten(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert experiments.other_layout(today) is None
+    assert experiments.other_layout(experiments.flatten(LEGACY_PARAMS)) == "`optimizer: adam`"
+
+    # Commits: today's layout (seed 0), an older layout (seed 1), today's again (HEAD, seed 2).
+    repo = make_project(tmp_path / "repo")
+    today_params = (repo / "params.yaml").read_text()
+    for text, seed in ((yaml.safe_dump(LEGACY_PARAMS), 1), (today_params.replace("seed: 0", "seed: 2"), 2)):
+        (repo / "params.yaml").write_text(text)
+        dvc(repo, "repro", "-q")
+        sh(repo, "git", "commit", "-q", "-am", f"seed {seed}")
+    legacy_rev = sh(repo, "git", "rev-parse", "HEAD~1").strip()
+
+    runs, notes = experiments.load_runs(repo, all_commits=True)
+    assert sorted(r.seed for r in runs) == [0, 2] and legacy_rev not in {r.rev for r in runs}
+    (note,) = notes
+    assert note.startswith("1 experiment left out: its params have another layout than this commit's")
+    assert f"`{legacy_rev[:7]}` has `optimizer: adam`" in note
+    assert cli.main(["compare", "--repo", str(repo), "--all-commits"]) == 0
+    report = (repo / "reports/compare.md").read_text()
+    assert note in report and "optim.sgd" not in report
+    assert [r[1] for r in _rows(report, "Ranking by test accuracy")] == ["baseline"]
 
 
 def test_a_group_option_is_labelled_by_its_name_and_the_knobs_it_changed():
@@ -457,6 +491,7 @@ def test_a_group_option_is_labelled_by_its_name_and_the_knobs_it_changed():
     assert compare.label_against(tuned, baseline) == "optimizer.learning_rate=0.01"
 
 
+@pytest.mark.xdist_group("compare-project")  # shares the module's project
 def test_compare_by_another_metric_ranks_in_its_direction(project, tmp_path):
     out = tmp_path / "loss.md"
     assert cli.main(["compare", "--repo", str(project), "--metric", "loss", "--out", str(out)]) == 0

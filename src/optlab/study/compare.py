@@ -2,8 +2,9 @@
 
 Runs that differ only by ``seed`` form one variant (:mod:`optlab.experiments`). Each variant gets
 the mean, standard deviation and a Student-t 95% confidence interval of its test metrics, and is
-compared with the baseline variant by Welch's t-test (:mod:`optlab.stats`). The result is one
-Markdown report with its figures beside it (drawn by :mod:`optlab.plotting`).
+compared with the baseline variant by the paired t-test on the seeds both ran where they share at
+least three, else by Welch's t-test (:mod:`optlab.stats`). The result is one Markdown report with
+its figures beside it (drawn by :mod:`optlab.plotting`).
 
 The report never mixes questions: variants that differ from the baseline in the dataset, the
 epoch budget, the data preparation or the prepared data's hash are listed as excluded with the
@@ -157,21 +158,27 @@ def build_comparison(
     return result
 
 
+def shared_seeds(variant: Group, baseline: Group, metric: str) -> list[Any]:
+    """The seeds both variants ran (with ``metric``): what the paired test pairs."""
+    return sorted(variant.by_seed(metric).keys() & baseline.by_seed(metric).keys(), key=str)
+
+
 def difference(variant: Group, baseline: Group, metric: str) -> Difference:
-    """``variant - baseline``, tested by the paired t-test when both ran the same seeds (the same
-    initial weights and batch orders, seed by seed), else by Welch's."""
+    """``variant - baseline``, tested by the paired t-test on the seeds both ran when they share
+    at least MIN_SEEDS_FOR_TEST (the same initial weights and batch orders, seed by seed; a seed
+    only one side ran has no partner and stays out of the test), else by Welch's on every seed."""
     vs, bs = variant.by_seed(metric), baseline.by_seed(metric)
-    if set(vs) == set(bs) and len(vs) >= MIN_SEEDS_FOR_TEST:
+    if len(shared_seeds(variant, baseline, metric)) >= MIN_SEEDS_FOR_TEST:
         return paired(vs, bs)
     return welch(variant.values(metric), baseline.values(metric))
 
 
 def _spread(variant: Group, baseline: Group, metric: str, d: Difference) -> float:
-    """The standard deviation the power statement assumes: of the seed-by-seed differences
-    (paired), or of one seed's result, pooled over both variants (Welch)."""
+    """The standard deviation the power statement assumes: of the seed-by-seed differences over
+    the seeds the paired test used, or of one seed's result, pooled over both variants (Welch)."""
     if d.test == "paired":
         vs, bs = variant.by_seed(metric), baseline.by_seed(metric)
-        return describe([vs[s] - bs[s] for s in vs]).std
+        return describe([vs[s] - bs[s] for s in shared_seeds(variant, baseline, metric)]).std
     a, b = describe(variant.values(metric)), describe(baseline.values(metric))
     return math.sqrt((a.std**2 + b.std**2) / 2)
 
@@ -244,7 +251,8 @@ def _against_baseline(cmp: Comparison) -> list[str]:
                 continue
             d, p_holm = cmp.differences[id(g)]
             verdict_ = judged(g, base, d, p_holm, higher_is_better(cmp.metric))
-            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), d.test, _p(d.p_value), _p(p_holm), _needed(cmp, g),
+            test = f"paired ({len(shared_seeds(g, base, cmp.metric))} seeds)" if d.test == "paired" else d.test
+            rows.append([g.label, f"{d.diff:+.4f}", _ci_diff(d), test, _p(d.p_value), _p(p_holm), _needed(cmp, g),
                          verdict_])  # fmt: skip
         header = ["variant", f"Δ test {cmp.metric}", "95% CI of Δ", "test", "p", "p (Holm)", "seeds to detect it",
                   "verdict"]  # fmt: skip
@@ -254,12 +262,15 @@ def _against_baseline(cmp: Comparison) -> list[str]:
     return out + [
         "",
         f"Δ is the variant's mean test {cmp.metric} minus the baseline's "
-        f"({'higher' if higher_is_better(cmp.metric) else 'lower'} is better). Where a variant ran "
-        f"exactly the baseline's seeds (same initial weights and batch orders, seed by seed: replicas "
-        f"or a seed sweep) the test is the paired t-test on the seed-by-seed differences "
-        f"(`scipy.stats.ttest_rel`), which a seed's luck shared by both sides does not blur; "
-        f"otherwise Welch's t-test (`scipy.stats.ttest_ind(equal_var=False)`): with a handful of "
-        f"seeds nothing says two variants share a variance, and Welch does not assume they do. "
+        f"({'higher' if higher_is_better(cmp.metric) else 'lower'} is better). Where a variant and "
+        f"the baseline ran at least {MIN_SEEDS_FOR_TEST} of the same seeds (same initial weights and "
+        f"batch orders, seed by seed: replicas or a seed sweep) the test is the paired t-test on the "
+        f"seed-by-seed differences over those shared seeds (`scipy.stats.ttest_rel`), which a seed's "
+        f"luck shared by both sides does not blur; the test column says how many it paired, and Δ "
+        f"and its CI are then the mean difference over them, so a seed only one side ran stays out "
+        f"(Δ can differ from the difference of the means in the ranking). Otherwise the test is "
+        f"Welch's t-test on every seed (`scipy.stats.ttest_ind(equal_var=False)`): with a handful "
+        f"of seeds nothing says two variants share a variance, and Welch does not assume they do. "
         f"With fewer than {MIN_SEEDS_FOR_TEST} seeds on either side no test is made and the verdict "
         f'says "not enough seeds". A difference is called larger than seed noise when p < {ALPHA:.2f} '
         f"(its 95% CI excludes 0); p (Holm) corrects for testing several variants against one "
