@@ -83,7 +83,7 @@ def test_every_conf_knob_is_a_keyword_of_its_keras_optimizer():
     # What conf/optimizer/<name>.yaml lists is what the Keras class takes (a knob in epochs as the
     # steps it counts): a typo in a conf file, or a Keras release that renames a knob, fails here.
     for name in OPTIMIZER_NAMES:
-        p = small(optimizer=name, **({"schedule": "constant"} if name == "schedule_free_adamw" else {}))
+        p = small(optimizer=name)
         assert isinstance(optim.build(p, p.optimizer.learning_rate, 10), optim.optimizer_class(name))
 
 
@@ -95,9 +95,21 @@ def test_an_unknown_optimizer_lists_every_choice_with_a_suggestion():
     assert all(name in message for name in OPTIMIZER_NAMES)
 
 
-def test_schedule_free_refuses_a_schedule_and_takes_its_own_warm_up():
+def test_schedule_free_chooses_its_constant_schedule_and_takes_its_own_warm_up():
+    # -S optimizer=schedule_free_adamw brings the constant schedule (its conf file's defaults list);
+    # a schedule named beside it, or left in a hand-edited params.yaml, is refused.
+    assert validate_params(repo_params(optimizer="schedule_free_adamw")).schedule.name == "constant"
     with pytest.raises(ParamsError, match="schedule_free_adamw replaces the learning-rate schedule"):
-        validate_params(repo_params(optimizer="schedule_free_adamw"))  # the default warmup_cosine
+        validate_params(repo_params(optimizer="schedule_free_adamw", schedule="cosine"))
+    raw = repo_params()  # the default warmup_cosine, the optimizer's name edited by hand
+    raw["optimizer"] = {
+        "name": "schedule_free_adamw",
+        "learning_rate": 0.0025,
+        "weight_decay": 0.0,
+        "warmup_epochs": 1.0,
+    }
+    with pytest.raises(ParamsError, match="not warmup_cosine; leave -S schedule=... out"):
+        validate_params(raw)
     p = small(optimizer="schedule_free_adamw", **{"optimizer.warmup_epochs": 2.0})
     opt = optim.build(p, p.optimizer.learning_rate, steps_per_epoch=20)
     assert isinstance(opt, keras.optimizers.ScheduleFreeAdamW) and opt.warmup_steps == 40

@@ -50,15 +50,20 @@ def build(params: Params, learning_rate, steps_per_epoch: int) -> keras.optimize
     if knobs.get("weight_decay") == 0:
         knobs["weight_decay"] = None  # the same update, without Keras's decay step
     knobs |= ADDED.get(name, {})
-    unknown = sorted(k for k in knobs if k not in accepted)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())  # a class of one's own
+    unknown = [] if takes_any else sorted(k for k in knobs if k not in accepted)
     if unknown:
         raise OptlabError(
             f"optimizer {name}: {', '.join(unknown)} is not a knob of {cls.__name__}; its knobs are "
             f"{', '.join(k for k in accepted if k not in ('self', 'kwargs', 'name'))}"
         )
     clip = params.train
-    return cls(learning_rate=learning_rate, global_clipnorm=clip.clip_global_norm or None,
-               clipvalue=clip.clip_value or None, **knobs)  # fmt: skip
+    try:
+        return cls(learning_rate=learning_rate, global_clipnorm=clip.clip_global_norm or None,
+                   clipvalue=clip.clip_value or None, **knobs)  # fmt: skip
+    except TypeError as exc:  # a knob the class (or the Keras base it passes **kwargs to) refuses
+        raise OptlabError(f"optimizer {name}: {cls.__name__} refuses its knobs from conf/optimizer/{name}.yaml: "
+                          f"{exc}") from None  # fmt: skip
 
 
 def evaluation_weights(model: keras.Model) -> Callable[[Sequence, Sequence], list] | None:

@@ -9,6 +9,7 @@ really applied (:class:`AppliedRate`). Adding a schedule: a function here, its l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -57,6 +58,86 @@ def _warmup_cosine(lr: float, args, steps_per_epoch: int, epochs: int) -> schedu
     )
 
 
+# --- the schedules a 2026 study compares: one Keras schedule class, a formula per name -----------
+@keras.saving.register_keras_serializable(package="optlab")
+class Shaped(schedules.LearningRateSchedule):
+    """``peak`` x the shape ``kind`` of the step, after an optional linear warm-up of ``warmup``
+    steps (from peak / warmup at step 0 to peak), over ``total`` steps. Written with keras.ops, so
+    it runs inside the compiled epoch and in Keras's ``fit`` alike; its formulas are tested value by
+    value (tests/test_train.py)."""
+
+    def __init__(self, kind: str, peak: float, total: int, warmup: int = 0, **knobs) -> None:
+        self.kind, self.peak, self.total, self.warmup, self.knobs = kind, float(peak), int(total), int(warmup), knobs
+
+    def __call__(self, step):
+        ops = keras.ops
+        s = ops.cast(step, "float32")
+        after = ops.maximum(s - self.warmup, 0.0)  # steps since the warm-up ended
+        span = float(max(self.total - self.warmup, 1))  # the steps the shape spans
+        value = SHAPES[self.kind](ops, after, span, self.warmup, **self.knobs)
+        if self.warmup > 0:
+            value = ops.where(s < self.warmup, (s + 1.0) / self.warmup, value)
+        return self.peak * value
+
+    def get_config(self) -> dict:
+        return {"kind": self.kind, "peak": self.peak, "total": self.total, "warmup": self.warmup, **self.knobs}
+
+
+def _linear(ops, t, span, warmup):
+    """Linear decay to zero at the end of training."""
+    return ops.maximum(1.0 - t / span, 0.0)
+
+
+def _wsd(ops, t, span, warmup, decay_fraction, cooldown):
+    """Warmup-stable-decay (Hägele et al. 2024): the peak rate, then a cooldown to zero over the
+    last ``decay_fraction`` of the steps after the warm-up: linear, cosine or 1 - sqrt."""
+    decay = max(decay_fraction * span, 1.0)
+    x = ops.clip((t - (span - decay)) / decay, 0.0, 1.0)  # 0 until the cooldown starts, 1 at the end
+    falls = {"linear": 1.0 - x, "cosine": 0.5 * (1.0 + ops.cos(math.pi * x)), "sqrt": 1.0 - ops.sqrt(x)}
+    return falls[cooldown]
+
+
+def _one_cycle(ops, t, span, warmup, warmup_fraction, start_factor, end_factor):
+    """One-cycle (Smith & Topin 2019, PyTorch's OneCycleLR with cosine annealing): from
+    start_factor x peak up to the peak over warmup_fraction of the steps, then down to
+    end_factor x peak, both halves as half cosines."""
+    rise = max(warmup_fraction * span, 1.0)
+    up = ops.clip(t / rise, 0.0, 1.0)
+    down = ops.clip((t - rise) / max(span - rise, 1.0), 0.0, 1.0)
+    rising = start_factor + (1.0 - start_factor) * 0.5 * (1.0 - ops.cos(math.pi * up))
+    falling = end_factor + (1.0 - end_factor) * 0.5 * (1.0 + ops.cos(math.pi * down))
+    return ops.where(t < rise, rising, falling)
+
+
+def _inverse_sqrt(ops, t, span, warmup):
+    """Warm-up, then the peak x sqrt(warmup / step) (Vaswani et al. 2017)."""
+    w = float(max(warmup, 1))
+    return ops.sqrt(w / (t + w))
+
+
+def _cyclical(ops, t, span, warmup, half_cycle_steps, low_factor):
+    """Triangular cyclical rates (Smith 2017): from low_factor x peak up to the peak and back every
+    2 x half_cycle_steps steps, starting low."""
+    x = ops.abs(t / half_cycle_steps - 2.0 * ops.floor(1.0 + t / (2.0 * half_cycle_steps)) + 1.0)
+    return low_factor + (1.0 - low_factor) * ops.maximum(1.0 - x, 0.0)
+
+
+SHAPES: dict[str, Callable] = {
+    "linear_decay": _linear, "wsd": _wsd, "one_cycle": _one_cycle, "inverse_sqrt": _inverse_sqrt, "cyclical": _cyclical,
+}  # fmt: skip
+
+
+def _shaped(kind: str) -> Callable[..., Rate]:
+    def build(lr: float, args, steps_per_epoch: int, epochs: int) -> Shaped:
+        knobs = args.model_dump(exclude={"name", "warmup_epochs"})
+        for key in [k for k in knobs if k.endswith("_epochs")]:  # in epochs; the formula counts steps
+            knobs[f"{key[: -len('_epochs')]}_steps"] = knobs.pop(key) * steps_per_epoch
+        warmup = round(getattr(args, "warmup_epochs", 0.0) * steps_per_epoch)
+        return Shaped(kind, lr, steps_per_epoch * epochs, warmup, **knobs)
+
+    return build
+
+
 SCHEDULES: dict[str, Callable[..., Rate]] = {
     "constant": _constant,
     "step": _step,
@@ -64,7 +145,46 @@ SCHEDULES: dict[str, Callable[..., Rate]] = {
     "cosine": _cosine,
     "warmup_cosine": _warmup_cosine,
     "plateau": _plateau,
+    **{name: _shaped(name) for name in SHAPES},
 }
+
+
+@keras.saving.register_keras_serializable(package="optlab")
+class Peaked(schedules.LearningRateSchedule):
+    """A schedule whose peak rate is a variable of the optimizer (:meth:`attach`): ``schedule(step) x
+    peak / schedule's own peak``. Keras's schedules hold their rates as Python numbers, which one
+    compiled program for several members (a group of rates) would share; the optimizer's variables
+    are each member's own. For one member the factor is exactly 1."""
+
+    def __init__(self, schedule: schedules.LearningRateSchedule, peak: float | None = None) -> None:
+        self.schedule, self.peak = schedule, float(peak if peak is not None else _peak_of(schedule))
+        self.variable = None
+
+    def attach(self, optimizer: keras.optimizers.Optimizer) -> None:
+        self.variable = optimizer.add_variable(shape=(), initializer=keras.initializers.Constant(self.peak),
+                                               dtype="float32", name="peak_learning_rate")  # fmt: skip
+
+    def __call__(self, step):
+        scale = 1.0 if self.variable is None else self.variable.value / self.peak
+        return self.schedule(step) * scale
+
+    def get_config(self) -> dict:
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "peak": self.peak}
+
+    @classmethod
+    def from_config(cls, config: dict) -> Peaked:
+        return cls(keras.saving.deserialize_keras_object(config["schedule"]), config["peak"])
+
+
+def _peak_of(schedule: schedules.LearningRateSchedule) -> float:
+    """The rate a schedule of optlab's was built from (its ``peak``, or Keras's initial/target rate)."""
+    for attr in ("peak", "warmup_target", "initial_learning_rate"):
+        value = getattr(schedule, attr, None)
+        if isinstance(value, int | float) and value:
+            return float(value)
+    if isinstance(schedule, schedules.PiecewiseConstantDecay):
+        return float(schedule.values[0])
+    raise TypeError(f"no peak rate known for {type(schedule).__name__}")
 
 
 def build(params: Params, steps_per_epoch: int) -> Rate:
