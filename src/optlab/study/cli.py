@@ -1,7 +1,9 @@
 """The ``optlab`` command: ``optlab compare`` (the seed-aware experiment report), ``optlab gate``
 (the CI regression gate), ``optlab sweep`` (a grid of experiments on DVC's queue or a Ray cluster),
+``optlab study`` (a tuned comparison of optimizers or schedules: each tuned on the same budget),
 ``optlab lr-find`` (the learning-rate range test of the experiment in
-params.yaml) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes it).
+params.yaml), ``optlab landscape`` (the loss along lines and on planes through a trained model's
+weights) and ``optlab params`` (params.yaml from conf/, as ``dvc exp run`` composes it).
 User errors print ``error: ...`` and exit 2; a gate that finds a regression exits 1."""
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ EXIT_USER_ERROR = 2
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optlab", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_compare_args, _gate_args, _sweep_args, _lr_find_args, _params_args):
+    for add in (_compare_args, _gate_args, _sweep_args, _study_args, _lr_find_args, _landscape_args, _params_args):
         add(sub)
     return p
 
@@ -74,19 +76,48 @@ def _sweep_args(sub) -> None:
         "-S", "--set-param", dest="sets", action="append", default=[], metavar="[<file>:]<key>=<values>",
         help="as for dvc exp run --queue -S: 'optimizer=adam,sgd', 'seed=range(0,3)' (repeatable)",
     )  # fmt: skip
+    _executor_args(w)
+    w.add_argument("--compare", action="store_true", help="then run optlab compare --all-commits on the results")
+    w.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+
+
+def _executor_args(w) -> None:
+    """Where and how many experiments run: optlab sweep's and optlab study run's options."""
     w.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local: DVC's queue on this machine (default); ray: one Ray task per experiment")  # fmt: skip
     w.add_argument("--address", help="the Ray cluster (default: $RAY_ADDRESS, else a local Ray instance)")
-    w.add_argument("-j", "--jobs", type=int, default=2, help="local: experiments at a time (default: %(default)s)")
+    w.add_argument("-j", "--jobs", type=int, default=2,
+                   help="local: experiments at a time, one DVC queue worker each (default: %(default)s)")  # fmt: skip
     w.add_argument("--cpus-per-run", type=int, default=1, help="CPUs (and OPTLAB_THREADS) per experiment (default: 1)")
     w.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs per experiment (default: 0)")
     w.add_argument(
         "--git-remote", default="origin", help="ray: the git remote tasks clone and push to (default: origin)"
     )
-    w.add_argument("--retries", type=int, default=2, help="ray: retries of a failed or lost task (default: 2)")
+    w.add_argument("--retries", type=int, default=2,
+                   help="tries again of a point that failed or whose worker died (default: %(default)s)")  # fmt: skip
     w.add_argument("--logs", help="ray: a directory (on a filesystem the nodes share) for each task's log")
-    w.add_argument("--compare", action="store_true", help="then run optlab compare --all-commits on the results")
-    w.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+
+
+def _executor_options(args) -> dict:
+    return {"address": args.address, "jobs": args.jobs, "cpus_per_run": args.cpus_per_run,
+            "gpus_per_run": args.gpus_per_run, "git_remote": args.git_remote, "retries": args.retries,
+            "log_dir": args.logs}  # fmt: skip
+
+
+def _study_args(sub) -> None:
+    s = sub.add_parser("study", help="a tuned comparison of optimizers or schedules (a file of conf/study/)")
+    verbs = s.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="run the study: the trials, then each contender's best on the final seeds")
+    run.add_argument("name", help="the study: conf/study/<name>.yaml")
+    _executor_args(run)
+    run.add_argument("--no-groups", action="store_true",
+                     help="one experiment per trial, even where trials differ only in their learning rate")  # fmt: skip
+    run.add_argument("--report", action="store_true", help="then write its report (optlab study report)")
+    run.add_argument("--repo", default=".", help="the DVC repository (default: .)")
+    report = verbs.add_parser("report", help="write reports/study/<name>.md and its figures")
+    report.add_argument("name", help="the study: conf/study/<name>.yaml")
+    report.add_argument("--out", default="reports/study", help="the report's directory, relative to --repo")
+    report.add_argument("--repo", default=".", help="the DVC repository (default: .)")
 
 
 def _lr_find_args(sub) -> None:
@@ -104,6 +135,21 @@ def _lr_find_args(sub) -> None:
     f.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: %(default)s)")
     f.add_argument("--end", type=float, default=10.0, help="last learning rate (default: %(default)s)")
     f.add_argument("--steps", type=int, default=200, help="batches at most, one rate each (default: %(default)s)")
+
+
+def _landscape_args(sub) -> None:
+    f = sub.add_parser("landscape", help="the loss along the line from the initial to the final weights, between "
+                       "two experiments, and on a plane through the final weights")  # fmt: skip
+    f.add_argument("--exp", help="the experiment (or git revision) whose model to look at (default: the workspace's)")
+    f.add_argument("--against", help="a second experiment: the line between its final weights and --exp's")
+    f.add_argument("--repo", default=".", help="the DVC repository (default: .); reads its prepared data")
+    f.add_argument("--out", default="reports/landscape", help="its PNGs and landscape.json, relative to --repo "
+                   "(default: %(default)s)")  # fmt: skip
+    # The defaults are optlab.study.landscape's (POINTS, SPAN, TRAIN_IMAGES): a module that imports Keras.
+    f.add_argument("--points", type=int, help="points per side of a plane (default: 25)")
+    f.add_argument("--span", type=float, help="the random plane's half-width, in filter-normalized steps (default: 1)")
+    f.add_argument("--train-images", type=int, help="training images each point is evaluated on (default: 10000)")
+    f.add_argument("--seed", type=int, default=0, help="of the plane's random directions (default: %(default)s)")
 
 
 def _params_args(sub) -> None:
@@ -145,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sweep(args)
         if args.command == "lr-find":
             return _lr_find(args)
+        if args.command == "landscape":
+            return _landscape(args)
+        if args.command == "study":
+            return _study(args)
         if args.command == "params":
             from optlab.core.params import compose, load_params
 
@@ -172,16 +222,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _sweep(args) -> int:
     from optlab.study import sweep
 
-    account = sweep.sweep(
-        args.repo, args.sets, args.executor, args.address, args.jobs, args.cpus_per_run, args.gpus_per_run,
-        args.git_remote, args.retries, args.logs,
-    )  # fmt: skip
+    account = sweep.sweep(args.repo, args.sets, args.executor, **_executor_options(args))
     print(account.table())
-    print(f"{len(account.points)} experiments in {account.seconds:.0f} s: {len(account.failed)} failed")
+    print(account.summary())
     if args.compare:
         result = compare.compare(args.repo, all_commits=True)
         print(f"wrote reports/compare.md: {len(result.ranked)} comparable variants")
     return EXIT_GATE_FAILED if account.failed else 0
+
+
+def _study(args) -> int:
+    import time
+    from pathlib import Path
+
+    from optlab.study import tuning, tuning_report, tuning_run
+
+    repo = Path(args.repo).resolve()
+    study = tuning.load(repo, args.name)
+    failed, wall = [], None
+    if args.verb == "run":
+        started = time.perf_counter()
+        accounts = tuning_run.run(study, repo, args.executor, groups=not args.no_groups, **_executor_options(args))
+        wall = time.perf_counter() - started
+        for phase, account in zip(("trials", "final seeds"), accounts, strict=True):
+            if account is not None:
+                print(f"{phase}: {account.summary()}")
+                failed += account.failed
+        print(f"study {study.name}: {wall:.0f} s")
+        if failed:
+            print("\n".join(a.table() for a in accounts if a is not None and a.failed))
+        if not args.report:
+            return EXIT_GATE_FAILED if failed else 0
+    out = repo / (getattr(args, "out", None) or "reports/study")
+    report = tuning_report.write(study, tuning_run.gather(study, repo), out, wall)
+    print(f"wrote {report}")
+    return EXIT_GATE_FAILED if failed else 0
 
 
 def _lr_find(args) -> int:
@@ -210,6 +285,32 @@ def _lr_find(args) -> int:
         f"{s['steepest']:.2g}\nwrote {json_path} and {png_path}\n"
         + (result.command() if result.conclusive else "no command: the test was inconclusive (see above)")
     )
+    return 0
+
+
+def _landscape(args) -> int:
+    from pathlib import Path
+
+    from optlab.study.pipeline import Pipeline
+    from optlab.training.backend import configure
+
+    if (args.points or 2) < 2 or (args.span or 1) <= 0 or (args.train_images or 1) < 1:
+        raise OptlabError("optlab landscape: --points must be 2 or more, --span above 0, --train-images 1 or more")
+    repo = Path(args.repo)
+    pipeline = Pipeline.load(repo)
+    data = repo / pipeline.prepared_data
+    if not data.is_dir():
+        raise OptlabError(f"{data} not found: run `dvc repro` first (the landscape evaluates its model on it)")
+    configure("jax")  # compiled inference, whatever train.backend says
+    from optlab.study import landscape
+
+    out = Path(args.out) if Path(args.out).is_absolute() else repo / args.out
+    where = landscape.Where(repo, data, pipeline.option("train", "--model"),
+                            repo / pipeline.option("train", "--tensorboard-logs"), out)  # fmt: skip
+    given = {"points": args.points, "span": args.span, "train_images": args.train_images}
+    found = landscape.run(where, args.exp, args.against, seed=args.seed, **{k: v for k, v in given.items() if v})
+    print(landscape.summary(found))
+    print(f"wrote {', '.join(found['figures'])} and landscape.json in {out}")
     return 0
 
 

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +34,7 @@ SEED_KEY = "seed"
 # How many seeds one experiment trained (replica r: seed + r): a run's replicas are runs of their
 # own, so the count never tells two variants apart.
 REPLICAS_KEY = "train.replicas"
+RATE_KEY = "optimizer.learning_rate"  # a list: a group of rates, one member each (a trial each)
 NOT_A_VARIANT = (SEED_KEY, REPLICAS_KEY)
 METRICS = {"accuracy": "test accuracy", "loss": "test loss", "f1_macro": "macro F1"}  # the report's columns
 CHOICES = GROUP_NAMES  # Hydra config groups of conf/: optimizer=adam selects conf/optimizer/adam.yaml
@@ -116,6 +118,17 @@ def with_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     return {**flat, **defaulted_knobs(flat)}
 
 
+def other_layout(params: dict[str, Any]) -> str | None:
+    """How ``params`` (a params.yaml flattened) departs from today's layout, or None: today each
+    config group is a mapping that names its option (``optimizer: {name: adam, ...}``). Older
+    commits wrote ``optimizer: adam`` and every option's knobs under ``optim.<name>.*``; read
+    against today's schema, each of those knobs would be a difference and name the variant."""
+    for group in CHOICES:
+        if not isinstance(params.get(f"{group}.name"), str):
+            return f"`{group}: {params[group]}`" if group in params else f"no `{group}`"
+    return None
+
+
 def choice(params: dict[str, Any], group: str) -> Any:
     """The option of ``group`` a run chose (``optimizer.name``)."""
     return params.get(f"{group}.name")
@@ -137,19 +150,30 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
 
 
 # --- reading runs from DVC and git -----------------------------------------------------------
+SHOW_ATTEMPTS = 5  # dvc exp show tries, while a queue worker starts or ends an experiment
+
+
 def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
     """The same records as ``dvc exp show --json`` (queued, failed and workspace rows hidden)."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    try:
-        with Repo(str(repo)) as dvc_repo:
-            states = dvc_repo.experiments.show(
-                all_commits=all_commits, hide_queued=True, hide_failed=True, hide_workspace=True
-            )
-            return [state.dumpd() for state in states]
-    except DvcException as exc:
-        raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
+    for attempt in range(SHOW_ATTEMPTS):
+        try:
+            with Repo(str(repo)) as dvc_repo:
+                states = dvc_repo.experiments.show(
+                    all_commits=all_commits, hide_queued=True, hide_failed=True, hide_workspace=True
+                )
+                return [state.dumpd() for state in states]
+        except DvcException as exc:
+            raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
+        except FileNotFoundError:
+            # DVC 3.66 reads each active queued experiment's .dvc/tmp/exps/run/<rev>/<rev>.run, which
+            # a worker creates and removes as it starts and ends one: a race while a sweep runs.
+            if attempt == SHOW_ATTEMPTS - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 def iter_states(records: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
@@ -236,7 +260,7 @@ def replica_runs(run: Run, repo: Path, pipeline: Pipeline) -> list[Run]:
     itself when it trained one."""
     import pandas as pd
 
-    if int(run.params.get(REPLICAS_KEY) or 1) < 2:
+    if int(run.params.get(REPLICAS_KEY) or 1) < 2 and not isinstance(run.params.get(RATE_KEY), list):
         return [run]
     try:
         table_path = pipeline.option("evaluate", "--replicas")
@@ -249,10 +273,13 @@ def replica_runs(run: Run, repo: Path, pipeline: Pipeline) -> list[Run]:
     runs = []
     for row in table.to_dict("records"):
         r = int(row["replica"])
-        metrics = {k: float(v) for k, v in row.items() if k not in ("replica", "seed", "diverged") and _is_number(v)}
+        metrics = {k: float(v) for k, v in row.items()
+                   if k not in ("replica", "seed", "learning_rate", "diverged") and _is_number(v)}  # fmt: skip
         live = Path(pipeline.live_dir) / record.HISTORY_DIR / record.REPLICA_HISTORY / f"r{r}"
         curve = _series_at(repo, run.rev, live / f"{record.history_name('val_accuracy')}.tsv")
         params = {**run.params, SEED_KEY: int(row["seed"])}
+        if "learning_rate" in row and _is_number(row["learning_rate"]):  # a member of a group of rates
+            params[RATE_KEY] = float(row["learning_rate"])
         runs.append(replace(run, params=params, metrics=metrics, val_curve=tuple(curve), replica=r,
                             diverged=bool(row.get("diverged", 0))))  # fmt: skip
     return runs
@@ -281,28 +308,48 @@ def read_choice_defaults(repo: Path, rev: str, params: dict[str, Any], conf_dir:
         text = read_at(repo, rev, f"{conf_dir}/{group}/{name}.yaml") if isinstance(name, str) else None
         if text:
             with contextlib.suppress(yaml.YAMLError, AttributeError):
-                defaults.update({f"{group}.{k}": v for k, v in (yaml.safe_load(text) or {}).items()})
+                knobs = {k: v for k, v in (yaml.safe_load(text) or {}).items() if k != "defaults"}  # Hydra's list
+                defaults.update({f"{group}.{k}": v for k, v in knobs.items()})
     return defaults
 
 
 def load_runs(repo: Path, all_commits: bool = False) -> tuple[list[Run], list[str]]:
-    """Every committed run with test metrics, and a note for each run that was skipped."""
+    """Every committed run with test metrics in today's params layout, a note for each run that
+    was skipped, and one for those left out for another layout (older commits')."""
     pipeline = Pipeline.load(repo)
     runs: list[Run] = []
     notes: list[str] = []
+    other: list[tuple[str, str]] = []  # (run name, how its params differ) of another layout
     seen: set[str] = set()
     for state in iter_states(exp_show(repo, all_commits)):
         rev = state.get("rev", "")
         if rev in seen or rev == "workspace":
             continue
         seen.add(rev)
+        name = state.get("name") or rev[:7]
         try:
-            curve, seconds = read_curve(repo, rev, pipeline), read_seconds_per_epoch(repo, rev, pipeline)
-            found = run_from_state(state, pipeline, curve, seconds)
-            found = replace(found, choice_defaults=read_choice_defaults(repo, rev, found.params))
+            found = run_from_state(state, pipeline)
+            layout = other_layout(found.params)
+            if layout:
+                other.append((name, layout))
+                continue
+            found = replace(
+                found,
+                val_curve=tuple(read_curve(repo, rev, pipeline)),
+                seconds_per_epoch=read_seconds_per_epoch(repo, rev, pipeline),
+                choice_defaults=read_choice_defaults(repo, rev, found.params),
+            )
             runs += replica_runs(found, repo, pipeline)
         except UnusableRun as exc:
-            notes.append(f"`{state.get('name') or rev[:7]}` skipped: {exc}")
+            notes.append(f"`{name}` skipped: {exc}")
+    if other:
+        (first, how), n = other[0], len(other)
+        wanted = " and ".join(f"`{g}.name`" for g in CHOICES)
+        counted = f"{n} experiments left out: their" if n > 1 else "1 experiment left out: its"
+        notes.append(
+            f"{counted} params have another layout than this commit's (e.g. `{first}` has {how} where this "
+            f"commit's params.yaml has {wanted})."
+        )
     return runs, notes
 
 

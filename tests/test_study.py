@@ -1,0 +1,154 @@
+"""optlab study: a study file's checks, its points (a sequence: a raised budget keeps the earlier
+ones), tunability and the performance profile against their definitions, and a whole study on
+digits through DVC (3 contenders x 6 trials x 3 final seeds): every trial an experiment or a
+member of one, tracked by DVC; killed during its trials and run again, only the missing trials
+run; its budget raised from 6 to 8, exactly 2 new trials per contender run; the report written."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from optlab.core.errors import OptlabError
+from optlab.study import tuning
+
+LR = "optimizer.learning_rate"
+STUDY = {
+    "contenders": {
+        "adam": {"set": {"optimizer": "adam"}, "search": {LR: {"low": 3e-4, "high": 3e-2}}},
+        "sgd": {"set": {"optimizer": "sgd"},  # two knobs: one experiment per trial
+                "search": {LR: {"low": 3e-3, "high": 3e-1},
+                           "optimizer.momentum": {"low": 0.5, "high": 0.95, "log": False}}},
+        "rmsprop": {"set": {"optimizer": "rmsprop"}, "search": {LR: {"low": 1e-4, "high": 1e-2}}},
+    },
+    "budget": 6,
+    "seeds": [1, 2, 3],
+    "target": 0.8,
+    "set": {"train.epochs": 2},
+}  # fmt: skip
+
+
+def _write(root: Path, name: str, spec: dict) -> None:
+    (root / "conf" / "study").mkdir(parents=True, exist_ok=True)
+    (root / "conf" / "study" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+
+def test_a_study_file_is_checked_and_every_problem_named(tmp_path):
+    _write(tmp_path, "ok", STUDY)
+    study = tuning.load(tmp_path, "ok")
+    assert study.reference == "adam" and list(study.spec.problems) == ["default"]
+    bad = {**STUDY, "select": "accuracy", "seeds": [1, 1, 2], "budget": 0}
+    _write(tmp_path, "bad", bad)
+    with pytest.raises(OptlabError) as err:
+        tuning.load(tmp_path, "bad")
+    assert "budget" in str(err.value) and "conf/study/bad.yaml" in str(err.value)
+    _write(tmp_path, "test_set", {**STUDY, "select": "accuracy"})
+    with pytest.raises(OptlabError, match="the test set never chooses"):
+        tuning.load(tmp_path, "test_set")
+    with pytest.raises(OptlabError, match="the studies in conf/study/: bad, ok, test_set"):
+        tuning.load(tmp_path, "nope")
+
+
+def test_the_points_are_a_sequence_a_raised_budget_extends():
+    study = tuning.Study("s", tuning.StudySpec.model_validate(STUDY))
+    six, eight = tuning.points(study, "default", "sgd"), tuning.points(study, "default", "sgd", budget=8)
+    assert eight[:6] == six and len({p["optimizer.learning_rate"] for p in eight}) == 8
+    assert all(3e-3 <= p["optimizer.learning_rate"] <= 3e-1 and 0.5 <= p["optimizer.momentum"] <= 0.95 for p in eight)
+    # log-uniform: the rates spread over the decades, not bunched at the top
+    decades = np.log10([p["optimizer.learning_rate"] for p in tuning.points(study, "default", "adam", budget=64)])
+    assert abs(np.mean(decades) - np.log10(3e-3)) < 0.2
+    assert tuning.points(study, "default", "adam") != tuning.points(study, "default", "rmsprop")  # own sequences
+    assert tuning.trial(study, "default", "sgd", six[0])[:2] == ["optimizer=sgd", "++train.epochs=2"]
+
+
+def test_expected_best_is_the_mean_best_of_k_draws():
+    values = [0.5, 0.9, 0.7, 0.6]
+    for k in (1, 2, 3):
+        draws = list(itertools.product(values, repeat=k))  # every draw of k, with replacement
+        assert tuning.expected_best(values, k) == pytest.approx(np.mean([max(d) for d in draws]))
+        assert tuning.expected_best(values, k, higher_better=False) == pytest.approx(np.mean([min(d) for d in draws]))
+    assert tuning.expected_best(values, 1) == pytest.approx(np.mean(values))
+
+
+def test_time_to_target_and_the_performance_profile():
+    assert tuning.time_to_target([0.5, 0.79, 0.81, 0.9], 0.8) == 3 and tuning.time_to_target([0.5], 0.8) is None
+    times = {"a": {"x": 10.0, "y": 20.0}, "b": {"x": 30.0, "y": math.inf}}
+    profile = tuning.performance_profile(times, [1.0, 2.0, 3.0])
+    assert profile == {"x": [1.0, 1.0, 1.0], "y": [0.0, 0.5, 0.5]}  # y: twice x's time on a, never reaching b
+
+
+@pytest.mark.slow
+def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_the_new_trials(project):
+    from optlab.study import tuning_run
+
+    with project.scratch():
+        root = project.root
+        _write(root, "small", STUDY)  # read by optlab only, no stage's input: it needs no commit
+        cmd = [
+            sys.executable,
+            "-m",
+            "optlab.study.cli",
+            "study",
+            "run",
+            "small",
+            "-j",
+            "2",
+            "--repo",
+            str(project.root),
+        ]
+        # Killed once the first of its trial experiments has finished: a group, or one of sgd's.
+        proc = subprocess.Popen(cmd, cwd=root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)  # fmt: skip
+        study = tuning.load(project.root, "small")
+
+        def trained() -> int:  # the trials an experiment of HEAD already holds
+            trials = tuning_run.gather(study, root)[0].trials.values()
+            return sum(t.selected_by is not None for ts in trials for t in ts)
+
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not trained():
+            time.sleep(5)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+        trained = trained()
+        assert 0 < trained < 18, trained
+        again = project.sh(*cmd, timeout=1800).stdout
+        assert _missing(again) == 18 - trained, again  # only the trials the kill left untrained
+        outcome = tuning_run.gather(study, project.root)[0]
+        assert all(t.selected_by is not None for ts in outcome.trials.values() for t in ts)
+        assert {c: len(runs) for c, runs in outcome.final_runs.items()} == {"adam": 3, "sgd": 3, "rmsprop": 3}
+        # Every trial is in dvc exp show: an experiment of its own (sgd's two knobs) or a member of
+        # one, its metrics tracked inside it (replicas.json, replicas.csv).
+        names = project.exp_names()
+        assert all(t.name in names for ts in outcome.trials.values() for t in ts)
+        assert len({t.name for t in outcome.trials["sgd"]}) == 6 and len({t.name for t in outcome.trials["adam"]}) <= 2
+        report = project.sh(*cmd[:3], "report", "small", "--repo", str(project.root)).stdout
+        md = (project.root / "reports/study/small.md").read_text()
+        assert "wrote" in report and "| adam |" in md and "### Tunability" in md and "k = 6" in md
+        for figure in ("sensitivity", "tunability", "curves"):
+            assert (project.root / f"reports/study/small-default-{figure}.png").read_bytes()[:4] == b"\x89PNG"
+
+        # The budget raised from 6 to 8: exactly 2 new trials per contender.
+        _write(project.root, "small", {**STUDY, "budget": 8})
+        raised = project.sh(*cmd, timeout=1800).stdout
+        assert raised.count("2 of 8 trials") == 3 and _missing(raised) == 6, raised
+        outcome = tuning_run.gather(tuning.load(project.root, "small"), project.root)[0]
+        assert all(len(ts) == 8 and all(t.selected_by is not None for t in ts) for ts in outcome.trials.values())
+
+
+def _missing(output: str) -> int:
+    """How many trials a study run's phase 1 said it would train (its lines "<n> of <budget> trials")."""
+    import re
+
+    return sum(int(n) for n in re.findall(r": (\d+) of \d+ trials", output))
