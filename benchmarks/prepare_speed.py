@@ -69,7 +69,9 @@ def stage_runner(raw: RawData, root: Path, scaling: str) -> Callable[[], None]:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params.update(dataset="cifar10", prepare={**params["prepare"], "scale": scaling})
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    main = runpy.run_path(str(REPO / "src/optlab/stages/prepare.py"))["main"]
+    if not (root / "conf").exists():
+        (root / "conf").symlink_to(REPO / "conf")  # the options of the params' groups, as in a checkout
+    main = runpy.run_path(str(REPO / "stages/prepare.py"))["main"]
     argv = [f"--params={root}/params.yaml", f"--raw={root}/data/raw", f"--out={root}/data/prepared",
             f"--summary={root}/metrics/data.json"]  # fmt: skip
 

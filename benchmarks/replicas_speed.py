@@ -51,14 +51,18 @@ def worker(data: Path, replicas: int, seed: int, epochs: int) -> dict:
 
     params = load_variant(REPO, [f"train.replicas={replicas}", f"seed={seed}", f"train.epochs={epochs}"])
     configure("jax")
+    import math
+
     from optlab.data import files
-    from optlab.training.loop import Replicas
+    from optlab.training.loop import Member, fit, replica_params, trainer_for
 
     prepared = files.load_prepared(data, ("train", "val"))
     train, val = prepared.splits["train"], prepared.splits["val"]
-    group = Replicas.build(params, train.x.shape[1:], 10, len(train.y))
-    histories = group.fit(train, val, [[] for _ in range(replicas)])
-    return {"epoch_seconds": histories[0].seconds, "val_accuracy": [h.epochs[-1]["val_accuracy"] for h in histories]}
+    steps = math.ceil(len(train.y) / params.train.batch_size)
+    members = [Member.build(replica_params(params, r), train.x.shape[1:], 10, steps) for r in range(replicas)]
+    fit(members, trainer_for(members, train, val))
+    return {"epoch_seconds": members[0].history.seconds,
+            "val_accuracy": [m.history.epochs[-1]["val_accuracy"] for m in members]}  # fmt: skip
 
 
 def _run(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:

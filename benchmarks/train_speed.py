@@ -131,26 +131,31 @@ def keras_fit(data: Path, epochs: int, n_train: int, backend: str, model: str) -
 
 
 def optlab_path(data: Path, epochs: int, n_train: int, model: str, bare: bool = False, **engine) -> dict:
-    """optlab's train stage code path: params, the engine they choose, Loop.build and fit, with the
-    per-epoch progress lines (to /dev/null) and the backprop diagnostics as in a real run.
-    ``bare``: neither, and each epoch one compiled call, to measure what they cost."""
+    """optlab's train stage code path: params, the engine they choose, a member built and trained by
+    the epoch driver, with the per-epoch progress lines (to /dev/null) and the backprop diagnostics
+    as in a real run. ``bare``: neither, and each epoch one compiled call, to measure what they cost."""
+    import math
+
     from optlab.training.backend import configure, engine_for
 
     params = experiment(model, epochs, **{"train.diagnostics": not bare, **engine})
     configure(engine_for(params).backend)
     from optlab.training import engine as compiled
-    from optlab.training.loop import Loop, Progress
+    from optlab.training.callbacks import Progress
+    from optlab.training.loop import Member, fit, resolve_engine, trainer_for
 
     if bare:
         compiled.CHUNK_STEPS = 1 << 30  # the whole epoch in one call: no point to show progress at
     train, val, test = _splits(data, n_train)
-    loop = Loop.build(params, train.x.shape[1:], 10, len(train.y))
+    member = Member.build(params, train.x.shape[1:], 10, math.ceil(len(train.y) / BATCH))
+    trainer = trainer_for([member], train, val)
     with open(os.devnull, "w") as quiet:
-        history = loop.fit(train, val, progress=None if bare else Progress(epochs, quiet))
+        fit([member], trainer, progress=None if bare else Progress(epochs, quiet))
+    choice = resolve_engine(params)
     return {
-        "epoch_seconds": history.seconds,
-        "test_accuracy": loop.measure(test)["accuracy"],
-        "engine": f"{loop.choice.backend}/{loop.choice.loop}",
+        "epoch_seconds": member.history.seconds,
+        "test_accuracy": trainer.measure(test)[0]["accuracy"],
+        "engine": f"{choice.backend}/{choice.loop}",
     }
 
 

@@ -4,7 +4,7 @@ per class, the confusion table) and keep replica 0's test predictions for the pl
 from pathlib import Path
 
 from optlab.core import stage
-from optlab.core.outputs import remove_outputs
+from optlab.core.outputs import all_or_none, remove_outputs
 from optlab.core.params import load_params
 from optlab.training.backend import configure, engine_for
 
@@ -21,13 +21,15 @@ def main(argv=None) -> None:
     p.add_argument("--predictions", type=Path, required=True, help="test probabilities .npy (output)")
     args = p.parse_args(argv)
 
-    remove_outputs(args.metrics, args.replicas, args.per_class, args.confusion, args.predictions)
+    outputs = (args.metrics, args.replicas, args.per_class, args.confusion, args.predictions)
+    remove_outputs(*outputs)
     params = load_params(args.params)
     configure(engine_for(params).backend)  # before anything imports Keras
     from optlab.evaluation import evaluate, results
 
     result = evaluate.evaluate_model(params, args.data, args.models, args.live)
-    results.save_evaluation(result, args.metrics, args.replicas, args.per_class, args.confusion, args.predictions)
+    with all_or_none(*outputs):  # written one by one: a failure (a full disk) removes those written
+        results.save_evaluation(result, *outputs)
     print(evaluate.headline(result, params.evaluate.top_k))
 
 

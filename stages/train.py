@@ -4,6 +4,7 @@ seed, seed + 1, ...) on the prepared data; log every epoch with dvclive; save th
 from pathlib import Path
 
 from optlab.core import stage
+from optlab.core.outputs import all_or_none
 from optlab.core.params import load_params
 from optlab.training.backend import configure, engine_for
 
@@ -22,7 +23,9 @@ def main(argv=None) -> None:
     configure(engine_for(params).backend)  # before anything imports Keras
     from optlab.training import run
 
-    summary = run.run(params, args.data, args.model, args.live, args.backup, args.tensorboard_logs, args.replicas)
+    # A failure (a full disk: one error line) leaves none of the outputs, and the resume backup.
+    with all_or_none(args.model, args.replicas, args.live, kept={"the resume backup": args.backup}):
+        summary = run.run(params, args.data, args.model, args.live, args.backup, args.tensorboard_logs, args.replicas)
     print(", ".join(f"{k}={v}" for k, v in summary.items()))
 
 

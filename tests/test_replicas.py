@@ -1,11 +1,14 @@
 """Seeds inside one experiment: train.replicas runs of a variant trained as one vectorized program,
 each the same as a separate run with its seed (within a measured tolerance), with callbacks and
 divergence per replica, and the paired comparison and power statement. (The stages' outputs,
-means, spread and every replica kept, are checked through `dvc exp run` in test_pipeline.py.)"""
+means, spread and every replica kept, are checked through `dvc exp run` at the end, in a private
+copy of the baseline project: tests/project.py.)"""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from optlab.study import compare, stats
 from optlab.study.experiments import Group, Run
 from optlab.training.callbacks import KeepBest
 from optlab.training.loop import Member, replica_params
+from project import metrics_of, params_of, ran_experiment
 
 # float32 arithmetic differs between a vmapped (batched) matmul and a plain one in the last bits;
 # measured on digits over 4 epochs: at most 2e-6 apart in any weight. The bound leaves 25x room.
@@ -63,6 +67,43 @@ def test_replica_r_is_the_run_with_seed_plus_r(digits):
     assert worst < TOLERANCE
 
 
+@pytest.mark.parametrize("schedule", ["warmup_cosine", "constant"])  # a Keras schedule's peak, and a plain rate
+def test_a_group_member_is_the_run_with_its_rate_and_seed(digits, schedule):
+    # 3 rates x 2 seeds in one program: each member against a separate run with its rate and seed.
+    from optlab.training.loop import member_count, member_params
+
+    rates = [3e-4, 1e-3, 3e-3]
+    p = small(**{"optimizer.learning_rate": rates, "train.replicas": 2, "schedule": schedule, "train.epochs": 3})
+    train, val = digits
+    steps = -(-len(train.y) // 32)
+    group = [Member.build(member_params(p, m), (64,), 10, steps, peaked=True) for m in range(member_count(p))]
+    fit_members(p, train, val, group)
+    assert [(m.params.optimizer.learning_rate, m.params.seed) for m in group] == [
+        (r, s) for r in rates for s in (0, 1)]  # fmt: skip
+    worst = 0.0
+    for m in group:
+        (alone,) = fit_members(m.params, train, val, [Member.build(m.params, (64,), 10, steps)])
+        assert [e["learning_rate"] for e in alone.history.epochs] == pytest.approx(
+            [e["learning_rate"] for e in m.history.epochs], rel=1e-6)  # fmt: skip
+        for a, b in zip(alone.model.get_weights(), m.model.get_weights(), strict=True):
+            worst = max(worst, float(np.abs(a - b).max()))
+    print(f"\n[record] group members ({schedule}) against separate runs: largest weight difference {worst:.2e}")
+    assert worst < TOLERANCE
+
+
+def test_the_evaluate_headline_says_a_groups_mean_is_no_ones_and_gives_replicas_their_spread():
+    from optlab.evaluation.evaluate import headline
+    from optlab.evaluation.results import Evaluation
+
+    base = {"accuracy": 0.9, "top_k_accuracy": 0.99, "loss": 0.3, "f1_macro": 0.89, "generalization_gap": 0.01}
+    rows = {"actual": ["a", "b"], "predicted": ["a", "a"]}
+    group = Evaluation(base, {}, np.zeros((2, 2)), rows, [{"learning_rate": 1e-3}, {"learning_rate": 1e-2}])
+    assert "mean of a group's 2 members, each with its own rate" in headline(group, 3)
+    spread = {**base, "accuracy_sd": 0.002, "accuracy_ci_low": 0.895, "accuracy_ci_high": 0.905}
+    seeds = Evaluation(spread, {}, np.zeros((2, 2)), rows, [{"seed": 0}, {"seed": 1}])
+    assert "mean of 2 replicas; sd 0.0020, 95% CI [0.8950, 0.9050]" in headline(seeds, 3)
+
+
 def test_a_diverged_replica_is_reported_and_the_others_train_on(digits):
     p = small(**{"train.replicas": 2, "train.epochs": 3})
     train, val = digits
@@ -96,7 +137,34 @@ def test_the_same_seeds_are_compared_pairwise_and_the_seeds_needed_are_stated():
     needed = cmp.needed[id(noisy)]
     assert needed is not None and needed > 3  # within noise: more seeds would be needed to tell
     report = compare.render_markdown(cmp, {}, [], "test")
-    assert "seeds to detect it" in report and f"≈ {needed}" in report and "| paired |" in report
+    assert "seeds to detect it" in report and f"≈ {needed}" in report and "| paired (3 seeds) |" in report
+
+
+def _variant(by_seed: dict[int, float], **params) -> Group:
+    return Group([Run(f"r{s}", f"r{s}", {"seed": s, "optimizer": "adam", **params}, {"accuracy": a})
+                  for s, a in by_seed.items()])  # fmt: skip
+
+
+def test_variants_sharing_three_seeds_are_paired_on_those_three():
+    # The baseline ran seeds 0-4, the variant 0-2: seeds 3 and 4 have no partner.
+    base = _variant({0: 0.900, 1: 0.880, 2: 0.890, 3: 0.870, 4: 0.910})
+    tuned = _variant({0: 0.905, 1: 0.875, 2: 0.893}, **{"optimizer.learning_rate": 0.0015})
+    diffs = [0.005, -0.005, 0.003]
+    d = compare.difference(tuned, base, "accuracy")
+    assert d.test == "paired" and d.tested and d.df == 2  # three pairs
+    assert d.diff == pytest.approx(np.mean(diffs))  # over the shared seeds, not mean(0-2) - mean(0-4)
+    # Seeds the other way round: the variant's extra seeds stay out too.
+    assert compare.difference(base, tuned, "accuracy").diff == pytest.approx(-np.mean(diffs))
+
+    cmp = compare.build_comparison([base, tuned], base)
+    assert cmp.needed[id(tuned)] == stats.seeds_needed(d.diff, np.std(diffs, ddof=1), is_paired=True)
+    against = compare.render_markdown(cmp, {}, [], "test").split("## Against the baseline")[1].split("<details>")[0]
+    (row,) = [r for r in against.splitlines() if r.startswith("| optimizer.")]
+    assert "| paired (3 seeds) |" in row and f"| ≈ {cmp.needed[id(tuned)]} |" in row
+
+    # Two shared seeds are too few to pair: Welch on every seed.
+    two = _variant({0: 0.905, 1: 0.875, 7: 0.893}, model="other")
+    assert compare.difference(two, base, "accuracy").test == "Welch"
 
 
 def test_seeds_needed_by_hand():
@@ -114,3 +182,63 @@ def test_replicas_are_one_experiment_param_that_never_splits_a_variant():
     one = Run("a", "a", {"seed": 0, "train.replicas": 3, "optimizer": "adam"}, {"accuracy": 0.9})
     two = Run("b", "b", {"seed": 3, "train.replicas": 1, "optimizer": "adam"}, {"accuracy": 0.9})
     assert len(group_runs([one, two])) == 1
+
+
+# --- through DVC: dvc exp run -S train.replicas=3 ---------------------------------------------
+@pytest.mark.slow
+def test_replicas_give_every_row_its_noise_and_compare_pairs_their_seeds(project, tmp_path):
+    from optlab.study import cli
+
+    with project.scratch():
+        names = {}
+        for variant in ((), ("-S", "optimizer=sgd")):
+            out = project.dvc("exp", "run", "-S", "train.replicas=3", *variant)
+            assert "(mean of 3 replicas)" in out, out
+            names[variant] = ran_experiment(out)
+        state = project.experiments()[names[()]]["state"]
+        test = metrics_of(state)  # dvc exp show: the mean and its interval, for one experiment
+        assert params_of(state)["train"]["replicas"] == 3 and "replicas" not in test  # a param, not a metric
+        assert test["accuracy_ci_low"] < test["accuracy"] < test["accuracy_ci_high"]
+        _assert_the_workspace_holds_three_replicas(project.root)
+        out = tmp_path / "replicas.md"
+        assert cli.main(["compare", "--repo", str(project.root), "--baseline", names[()], "--out", str(out)]) == 0
+        report = out.read_text()
+        ranking = {r[1]: r[2] for r in _report_rows(report, "Ranking by test accuracy")}
+        assert ranking["optimizer=sgd"] == "3", ranking  # three replicas are three seeds of the variant
+        against = {r[0]: r for r in _report_rows(report, "Against the baseline")}
+        assert against["optimizer=sgd"][3] == "paired (3 seeds)", against  # both ran seeds 0, 1, 2
+        if against["optimizer=sgd"][-1] == "within seed noise":
+            assert against["optimizer=sgd"][-2].startswith("≈") or "more than" in against["optimizer=sgd"][-2]
+
+
+def _assert_the_workspace_holds_three_replicas(root: Path) -> None:
+    """What the last `dvc exp run -S train.replicas=3` left: every replica, and their means."""
+    import numpy as np
+    import pandas as pd
+
+    from optlab.evaluation import metrics
+    from optlab.training import record
+
+    live = root / "metrics/train"
+    summary, each = json.loads((live / "metrics.json").read_text()), json.loads((live / "replicas.json").read_text())
+    assert [e["seed"] for e in each] == [0, 1, 2] and "replicas" not in summary
+    assert summary["val_accuracy"] == pytest.approx(np.mean([e["val_accuracy"] for e in each]))
+    assert sorted(p.name for p in (root / "models/replicas").iterdir()) == ["0.keras", "1.keras", "2.keras"]
+    assert (root / "models/model.keras").read_bytes() == (root / "models/replicas/0.keras").read_bytes()
+    curves = record.read_replica_histories(live)
+    assert len(curves) == 3  # the curve DVC plots is their mean
+    mean = np.mean([c["val_accuracy"] for c in curves], axis=0)
+    np.testing.assert_allclose(record.read_history(live)["val_accuracy"], mean)
+    test, table = json.loads((root / "metrics/test.json").read_text()), pd.read_csv(root / "metrics/replicas.csv")
+    assert list(table["seed"]) == [0, 1, 2]  # the evaluate stage evaluated every replica
+    spread = metrics.describe(table["accuracy"])
+    assert test["accuracy"] == pytest.approx(spread.mean)
+    assert (test["accuracy_sd"], test["accuracy_ci_low"], test["accuracy_ci_high"]) == pytest.approx(
+        (spread.std, spread.ci_low, spread.ci_high)
+    )
+
+
+def _report_rows(report: str, section: str) -> list[list[str]]:
+    body = report.split(f"## {section}")[1].split("\n## ")[0]
+    lines = [line for line in body.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]

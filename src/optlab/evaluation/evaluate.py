@@ -33,11 +33,12 @@ def evaluate_model(params: Params, data_dir: Path, models_dir: Path, live_dir: P
         scores = metrics.test_metrics(test.y, probs, classes, params.evaluate.top_k)
         # Positive: the model does better on what it was trained on than on unseen data.
         scores["generalization_gap"] = replicas[r]["train_accuracy"] - scores["accuracy"]
-        rows.append({"replica": r, "seed": replicas[r]["seed"], **scores, "diverged": replicas[r]["diverged"]})
+        rate = {"learning_rate": replicas[r]["learning_rate"]} if "learning_rate" in replicas[r] else {}  # a group's
+        rows.append({"replica": r, "seed": replicas[r]["seed"], **rate, **scores, "diverged": replicas[r]["diverged"]})
         first = probs if first is None else first
-    keys = [k for k in rows[0] if k not in ("replica", "seed", "diverged")]
+    keys = [k for k in rows[0] if k not in ("replica", "seed", "learning_rate", "diverged")]
     summary = {k: float(sum(row[k] for row in rows) / len(rows)) for k in keys}
-    if len(rows) > 1:
+    if len(rows) > 1 and "learning_rate" not in rows[0]:  # seeds of one variant: their spread is seed noise
         spread = metrics.describe([row["accuracy"] for row in rows])
         # (How many: train.replicas, a param `dvc exp show` has beside these, not a metric too.)
         summary |= {"accuracy_sd": spread.std, "accuracy_ci_low": spread.ci_low, "accuracy_ci_high": spread.ci_high}
@@ -49,12 +50,13 @@ def evaluate_model(params: Params, data_dir: Path, models_dir: Path, live_dir: P
 def headline(ev: Evaluation, top_k: int) -> str:
     """Two lines for the terminal: the headline scores and the most confused pairs."""
     m, rows = ev.metrics, ev.confusion_rows
-    spread = (
-        f" (mean of {len(ev.replicas)} replicas; sd {m['accuracy_sd']:.4f}, 95% CI [{m['accuracy_ci_low']:.4f}, "
-        f"{m['accuracy_ci_high']:.4f}])"
-        if len(ev.replicas) > 1
-        else ""
-    )
+    if "accuracy_sd" in m:  # seeds of one variant
+        spread = (f" (mean of {len(ev.replicas)} replicas; sd {m['accuracy_sd']:.4f}, 95% CI "
+                  f"[{m['accuracy_ci_low']:.4f}, {m['accuracy_ci_high']:.4f}])")  # fmt: skip
+    elif len(ev.replicas) > 1:  # a group of rates: its mean is no one run's; each member's is in the replicas table
+        spread = f" (mean of a group's {len(ev.replicas)} members, each with its own rate: see the replicas table)"
+    else:
+        spread = ""
     wrong = Counter((a, p) for a, p in zip(rows["actual"], rows["predicted"], strict=True) if a != p)
     pairs = ", ".join(f"{a} -> {p} ({n})" for (a, p), n in wrong.most_common(3))
     return (

@@ -166,6 +166,27 @@ def engine_for(params) -> Engine:
     return choose_engine(params.train.backend, params.train.loop, params.model.name)
 
 
+CACHE_ENV = "OPTLAB_COMPILATION_CACHE"  # a directory, or "off"
+
+
+def _compilation_cache() -> None:
+    """XLA's compiled programs kept on disk (JAX's persistent compilation cache), so the next run
+    of the same program (another seed, another experiment of a study, the next stage) loads it
+    instead of compiling it again: seconds per process. The same program gives the same numbers
+    whether compiled or loaded (tests/test_backend.py). ``OPTLAB_COMPILATION_CACHE``: its directory
+    (default: ``jax/`` in optlab's download cache, ``$OPTLAB_CACHE_DIR``), or ``off``."""
+    where = os.environ.get(CACHE_ENV) or ""
+    if where == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    if not where:  # beside optlab.data.datasets.cache_dir()'s downloads
+        import pooch
+
+        where = os.path.join(os.environ.get("OPTLAB_CACHE_DIR") or str(pooch.os_cache("optlab")), "jax")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = where
+    # Every program, however fast it compiled (JAX's default keeps only those over a second).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
 def configure(backend: str) -> None:
     """Select ``backend`` for Keras and cap its CPU threads to ``OPTLAB_THREADS`` if set.
 
@@ -194,6 +215,7 @@ def configure(backend: str) -> None:
             )
         # JAX grabs no GPU memory up front when a GPU is present (other processes may share it).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        _compilation_cache()
         import_keras()
         _skip_tensorflow_probe()
     elif backend == "tensorflow":

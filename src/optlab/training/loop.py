@@ -115,10 +115,22 @@ def resolve_engine(params: Params) -> Engine:
 
 
 # --- a member: one model of the run -----------------------------------------------------------
+def member_params(params: Params, m: int) -> Params:
+    """Member m of a run: the group's rate m // R (``optimizer.learning_rate``: one rate or a list of
+    them) with the seed ``seed + m % R`` (R = ``train.replicas``): its own initial weights, dropout
+    stream and batch order, exactly the experiment a separate run with that rate and seed would be."""
+    rates, replicas = params.optimizer.rates, params.train.replicas
+    optimizer = params.optimizer.model_copy(update={"learning_rate": rates[m // replicas]})
+    return params.model_copy(update={"seed": params.seed + m % replicas, "optimizer": optimizer})
+
+
+def member_count(params: Params) -> int:
+    return len(params.optimizer.rates) * params.train.replicas
+
+
 def replica_params(params: Params, r: int) -> Params:
-    """Replica r of ``params`` is the run with ``seed + r``: its own initial weights, dropout stream
-    and batch order, and exactly the experiment a separate run with that seed would be."""
-    return params.model_copy(update={"seed": params.seed + r})
+    """Replica r of a one-rate run: the run with ``seed + r``."""
+    return member_params(params, r)
 
 
 @dataclass(eq=False)
@@ -135,11 +147,17 @@ class Member:
 
     @classmethod
     def build(cls, params: Params, input_shape: Sequence[int], n_classes: int, steps_per_epoch: int,
-              rate: schedules.Rate | None = None) -> Member:  # fmt: skip
+              rate: schedules.Rate | None = None, peaked: bool = False) -> Member:  # fmt: skip
         """The model and optimizer ``params`` describe (the learning rate ``rate``, or the one
-        ``params.schedule`` makes), on the backend Keras runs: for training and the range test."""
+        ``params.schedule`` makes), on the backend Keras runs: for training and the range test.
+        ``peaked``: a member of a group of rates, whose schedule's peak must be an optimizer
+        variable, so that one compiled program steps members of different rates."""
         rate = schedules.build(params, steps_per_epoch) if rate is None else rate
+        if peaked and isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            rate = schedules.Peaked(rate)  # its peak a variable of the optimizer: one per member
         optimizer = optimizers.build(params, rate, steps_per_epoch)
+        if isinstance(rate, schedules.Peaked):
+            rate.attach(optimizer)
         model = models.build_model(params.model, input_shape, n_classes, params.seed)
         models.compile_model(model, optimizer)
         return cls(params, model, schedules.AppliedRate(optimizer, rate))
@@ -189,7 +207,11 @@ class CompiledTrainer:
         self.steps_per_epoch = math.ceil(self.n / members[0].params.train.batch_size)  # the last may be partial
 
     def train_epoch(self, epoch: int, active: Sequence[int], tick: Callable[[int, int], None] | None):
-        orders = np.stack([epoch_order(m.params.seed, epoch, self.n) for m in self.members])
+        seeds = {m.params.seed for m in self.members}
+        if len(seeds) == 1:  # a group of rates on one seed: one batch order for all
+            orders = epoch_order(seeds.pop(), epoch, self.n)
+        else:
+            orders = np.stack([epoch_order(m.params.seed, epoch, self.n) for m in self.members])
         logs = self.engine.train_epoch(self.x, self.y, orders, on_progress=tick, members=active)
         return [logs[r] for r in active]
 
@@ -198,8 +220,19 @@ class CompiledTrainer:
         return [found[r][0] for r in active]
 
     def diagnosed(self, active: Sequence[int]) -> list[dict | None]:
+        """Per active member, the epoch's diagnostics: layer -> its LayerDiagnostics as a dict, and
+        the whole model's series (sharpness, noise scale, ...: optlab.training.hessian) as floats
+        at the top level, when measured this epoch."""
         last = self.engine.last_epoch if self.engine.diagnostics else []
-        return [{k: asdict(v) for k, v in last[r].items()} if last else None for r in active]
+        if not last:
+            return [None] * len(active)
+        from optlab.training.hessian import Settings
+
+        first = self.members[active[0]]  # the active members are all at one epoch
+        rates = [m.rate.mean_over_last(self.steps_per_epoch) for m in self.members]  # the epoch's, as fit logs
+        whole = self.engine.curvature(self.x, self.y, Settings.of(first.params.train), len(first.history.epochs),
+                                      rates)  # fmt: skip
+        return [{**{k: asdict(v) for k, v in last[r].items()}, **(whole[r] if whole else {})} for r in active]
 
     def measure(self, split: Split) -> list[dict[str, float]]:
         finished = all(m.finished for m in self.members)

@@ -21,7 +21,7 @@ from optlab.data import files
 from optlab.training import callbacks, record
 from optlab.training.backend import keras
 from optlab.training.backup import Backup, key
-from optlab.training.loop import History, Member, fit, replica_params, resolve_engine, trainer_for
+from optlab.training.loop import History, Member, fit, member_count, member_params, resolve_engine, trainer_for
 from optlab.training.models import trainable_params
 
 
@@ -52,9 +52,12 @@ def diagnostics_summary(history: History) -> dict[str, float]:
     largest update/weight ratio of the first epoch, and the largest dead ReLU fraction at the end."""
     if not history.diagnostics:
         return {}
-    first, last = history.diagnostics[0], history.diagnostics[-1]
-    dead = [d["dead_fraction"] for d in last.values() if d["dead_fraction"] is not None]
-    summary = {"first_epoch_update_ratio": max(d["update_ratio"] for d in first.values())}
+    # Per layer (the whole model's series beside them, floats, are curves only).
+    first, last = (
+        [d for d in e.values() if isinstance(d, dict)] for e in (history.diagnostics[0], history.diagnostics[-1])
+    )
+    dead = [d["dead_fraction"] for d in last if d["dead_fraction"] is not None]
+    summary = {"first_epoch_update_ratio": max(d["update_ratio"] for d in first)}
     if dead:
         summary["dead_unit_fraction"] = max(dead)
     return summary
@@ -70,11 +73,13 @@ def _mean(values: list[float]) -> float | int:
 def summarize(members: list[Member], inference: dict[str, list[dict]], kept: list[str]) -> tuple[dict, list[dict]]:
     """The run's summary (the DVC metrics of the train stage: the replicas' means) and each
     replica's own figures (replicas.json)."""
-    each = []
+    each, grouped = [], len({m.params.optimizer.learning_rate for m in members}) > 1
     for r, m in enumerate(members):
         h = m.history
+        # a member of a group of rates: its own rate, which tells it apart (optlab compare's variant)
+        group = {"learning_rate": m.params.optimizer.learning_rate} if grouped else {}
         each.append({
-            "replica": r, "seed": m.params.seed, "epochs_run": len(h.epochs),
+            "replica": r, "seed": m.params.seed, **group, "epochs_run": len(h.epochs),
             "best_epoch": best_epoch(h, m.params.train.monitor),
             "train_accuracy": inference["train"][r]["accuracy"], "val_accuracy": inference["val"][r]["accuracy"],
             "diverged": int(bool(h.diverged)), **({"diverged_epoch": len(h.epochs)} if h.diverged else {}),
@@ -112,10 +117,11 @@ def timings(members: list[Member], epochs_before: list[int]) -> dict[str, float]
 
 
 def build_members(params: Params, meta: files.PreparedMeta, steps: int, logs_dir: Path) -> list[Member]:
-    """The ``train.replicas`` members (replica r: seed + r), each with its callbacks."""
-    members = []
-    for r in range(params.train.replicas):
-        m = Member.build(replica_params(params, r), meta.input_shape, len(meta.classes), steps)
+    """The run's members (``optimizer.learning_rate``'s rates x ``train.replicas`` seeds), each
+    with its callbacks."""
+    members, group = [], len(params.optimizer.rates) > 1
+    for r in range(member_count(params)):
+        m = Member.build(member_params(params, r), meta.input_shape, len(meta.classes), steps, peaked=group)
         m.callbacks, m.keep_best = callbacks.build(m.params, m.all_evaluation_weights, logs_dir if r == 0 else None)
         members.append(m)
     return members
@@ -147,8 +153,8 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     """Train as ``params`` says (``train.replicas`` runs, replica r with seed ``seed + r``); write
     replica 0's model to ``model_path``, every replica's to ``replicas_dir`` (``<r>.keras``), and
     the dvclive directory. Returns the summary. ``backup_dir`` holds the per-epoch resume state,
-    ``logs_dir`` the TensorBoard logs (both outside DVC's outputs); ``progress`` prints a line per
-    epoch as it ends."""
+    ``logs_dir`` the TensorBoard logs and the trajectory (train.trajectory; both outside DVC's
+    outputs); ``progress`` prints a line per epoch as it ends."""
     model_path, live_dir = Path(model_path), Path(live_dir)
     meta = files.prepared_meta(data_dir)
     if meta.dataset != params.dataset:
@@ -172,16 +178,9 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     log = record.TrainLog(live_dir, info, replicas=len(members))
     try:
         log.replay([m.history for m in members])  # a resumed run's live directory starts from the backup's epochs
-        trainer = trainer_for(members, train, val)
-
-        def after_epoch(epoch: int) -> None:
-            log.log_members(epoch, [m.history for m in members])
-            if not any(m.history.diverged for m in members):  # a resume never starts from a diverged state
-                backup.save(members)
-
-        n = len(members)
-        shown = callbacks.Progress(params.train.epochs, suffix=f" (mean of {n} replicas)" if n > 1 else "")
-        fit(members, trainer, shown if progress else None, after_epoch)
+        trainer, trajectory = trainer_for(members, train, val), Trajectory(members[0], logs_dir)
+        shown = callbacks.Progress(params.train.epochs, suffix=_mean_of(params, len(members)))
+        fit(members, trainer, shown if progress else None, _after_epoch(log, backup, members, trajectory))
         log.log_means([m.history for m in members], final=True)
         kept = [_keep_last_finite_weights(m, backup, r, meta, steps) if m.history.diverged else ""
                 for r, m in enumerate(members)]  # fmt: skip
@@ -196,6 +195,7 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
         why = {str(r): m.history.diverged for r, m in enumerate(members) if m.history.diverged}
         log.finish(summary, {**info, "timings": spent, **({"diverged": why} if why else {})}, each)
         save_models(members, model_path, replicas_dir)
+        trajectory.save()
     except BaseException:
         log.abandon()  # nothing half-written: a failed run records nothing
         raise
@@ -204,10 +204,53 @@ def run(params: Params, data_dir: str | Path, model_path: str | Path, live_dir: 
     return {**summary, **spent}
 
 
+class Trajectory:
+    """With train.trajectory, replica 0's evaluation weights before its first epoch here and after
+    each epoch it runs, saved when the run completes (record.save_trajectory) for `optlab landscape`'s
+    PCA plane; a stale one goes when a run starts. A resumed run's starts where it resumed."""
+
+    def __init__(self, member: Member, logs_dir: str | Path) -> None:
+        self.member, self.logs_dir, self.on = member, Path(logs_dir), member.params.train.trajectory
+        self.epochs: list[int] = []
+        self.weights: list[np.ndarray] = []
+        remove_outputs(self.logs_dir / record.TRAJECTORY)
+        self.add()
+
+    def add(self) -> None:
+        ran = len(self.member.history.epochs)
+        if self.on and (not self.epochs or self.epochs[-1] < ran):  # a stopped replica 0 adds nothing
+            self.epochs.append(ran)
+            self.weights.append(np.concatenate([w.ravel() for w in self.member.evaluation_weights()]))
+
+    def save(self) -> None:
+        if self.on:
+            record.save_trajectory(self.logs_dir, self.epochs, self.weights, self.member.params)
+
+
+def _after_epoch(log: record.TrainLog, backup: Backup, members: list[Member], trajectory: Trajectory):
+    """What runs once every member holds an epoch: its rows in the log, the trajectory, the backup."""
+
+    def after_epoch(epoch: int) -> None:
+        log.log_members(epoch, [m.history for m in members])
+        trajectory.add()
+        if not any(m.history.diverged for m in members):  # a resume never starts from a diverged state
+            backup.save(members)
+
+    return after_epoch
+
+
+def _mean_of(params: Params, n: int) -> str:
+    rates = len(params.optimizer.rates)
+    if n == 1:
+        return ""
+    return f" (mean of {n} replicas)" if rates == 1 else f" (mean of {n} members: {rates} rates x {n // rates} seeds)"
+
+
 def _warn_diverged(members: list[Member], kept: list[str], live_dir: Path) -> None:
     for r, (m, what) in enumerate(zip(members, kept, strict=True)):
         if m.history.diverged:
-            who = f"replica {r} (seed {m.params.seed}): " if len(members) > 1 else ""
+            lr = m.params.optimizer.learning_rate
+            who = f"replica {r} (seed {m.params.seed}, learning rate {lr}): " if len(members) > 1 else ""
             print(f"warning: {who}{m.history.diverged}\nRecorded as a result (train.on_divergence: record): the "
                   f"curves up to epoch {len(m.history.epochs)} are in {live_dir}, the model holds {what}; set "
                   "train.on_divergence: fail to stop the pipeline instead.", file=sys.stderr, flush=True)  # fmt: skip
