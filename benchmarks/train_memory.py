@@ -59,18 +59,20 @@ def child_peak_mb(cmd: list[str], cwd: Path) -> float:
     return int(proc.stdout.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def measure(n: int = 50_000, epochs: int = 1) -> dict:
-    """Peak RSS of the train stage on ``n`` images and on 1% of them, in MB."""
+def measure(n: int = 50_000, epochs: int = 1, train: dict | None = None) -> dict:
+    """Peak RSS of the train stage on ``n`` images and on 1% of them, in MB; ``train``: knobs of
+    params.yaml's train section to set (``{"sharpness_images": 0}``)."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["dataset"] = "cifar10"
-        params["train"]["epochs"] = epochs
+        params["train"] |= {"epochs": epochs, **(train or {})}
         (work / "params.yaml").write_text(yaml.safe_dump(params))
+        (work / "conf").symlink_to(REPO / "conf")  # the options of the params' groups, as in a checkout
         peaks = {}
         for name, rows in (("fixed", max(n // 100, 100)), ("full", n)):
             data_bytes = synthetic(work / name, rows)
-            cmd = [sys.executable, "-m", "optlab.stages.train", "--data", name, "--model", f"{name}.keras",
+            cmd = [sys.executable, str(REPO / "stages" / "train.py"), "--data", name, "--model", f"{name}.keras",
                    "--replicas", f"replicas-{name}", "--live", f"live-{name}", "--backup", "backup",
                    "--tensorboard-logs", "logs"]  # fmt: skip
             peaks[name] = child_peak_mb(cmd, work)
@@ -88,8 +90,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50_000, help="images before the train/validation split (CIFAR-10: 50,000)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--train", nargs="*", default=[], metavar="KNOB=INT", help="train.* knobs to set, e.g. "
+                    "sharpness_images=0 noise_scale_images=0 (the cost of the curvature measurements)")  # fmt: skip
     args = ap.parse_args()
-    r = measure(args.n, args.epochs)
+    r = measure(args.n, args.epochs, {k: int(v) for k, v in (kv.split("=", 1) for kv in args.train)})
     print(
         f"training images {r['data_mb']} MB; train stage peak RSS {r['peak_rss_mb']} MB ({r['ratio']:.2f}x the data); "
         f"on 1% of the data {r['fixed_mb']} MB (the fixed cost); above it {r['ratio_above_fixed']:.2f}x the data"

@@ -1,5 +1,6 @@
 """DVC stage `plot`: the PNG figures of one experiment (learning curves, learning rate, backprop
-diagnostics, confusion matrix, F1 per class, the most confidently wrong test images). No Keras."""
+diagnostics, sharpness and gradient noise scale, confusion matrix, F1 per class, the most
+confidently wrong test images). No Keras."""
 
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     prepared = files.load_prepared(args.data, ("test",), images=False)
     y_test, classes = prepared.splits["test"].y, prepared.meta.classes
+    # What the sharpness and noise scale are drawn against: the run's optimizer and batch size.
+    trained = record.read_run_info(args.history, missing_ok=True).get("params", {})
     drawn = figures.Figures(
         history=record.read_history(args.history),
         replicas=record.read_replica_histories(args.history),
@@ -31,6 +34,9 @@ def main(argv=None) -> None:
         probabilities=results.load_predictions(args.predictions, len(y_test), len(classes)),
         images=files.raw_test_images(args.raw, y_test),
         classes=classes,
+        curvature=record.read_curvature(args.history),
+        batch_size=trained.get("train", {}).get("batch_size"),
+        optimizer=trained.get("optimizer", {}).get("name", ""),
     )
     with atomic_dir(args.out) as out:
         names = drawn.draw(out, params.plot)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import stage_args
+from conftest import stage_args, write_params
 from optlab.core.errors import OptlabError
 from optlab.data.files import PreparedData, PreparedMeta, RawData, RawMeta, Split, save_prepared, save_raw
 from optlab.evaluation import figures as plotting
@@ -166,10 +166,10 @@ NO_KERAS_WRAPPER = textwrap.dedent(
     f"""
     import runpy, sys
     from optlab.core import stage
-    main = runpy.run_path({str(REPO / "src" / "optlab" / "stages" / "plot.py")!r})["main"]
+    main = runpy.run_path({str(REPO / "stages" / "plot.py")!r})["main"]
     rc = stage.run(main, sys.argv[1:])
     # scikit-learn too: it costs about 3 s to import, most of this stage's time.
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow", "sklearn"))
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("keras", "tensorflow", "jax", "sklearn"))
     print("heavy modules:", heavy)
     sys.exit(rc or (3 if heavy else 0))
     """
@@ -192,7 +192,7 @@ def write_stage_inputs(root: Path, n_classes: int, channels: int) -> None:
     write_history(root / "metrics" / "train")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["plot"]["confused_images"] = 9
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root / "params.yaml", params)  # with conf/ beside it, as in a checkout
 
 
 def run_stage(root: Path) -> subprocess.CompletedProcess:

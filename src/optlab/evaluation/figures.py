@@ -139,6 +139,77 @@ def gradients(diagnostics: Mapping[str, pd.DataFrame], path: str | Path) -> None
     save(fig, path)
 
 
+NO_CURVATURE = (
+    "Not measured: the sharpness and the noise scale are computed inside optlab's compiled loop\n"
+    "(train.backend: jax, train.loop: compiled, train.diagnostics: true), and this run {why}."
+)
+
+
+def _blank(fig: Figure, path: str | Path, why: str) -> None:
+    fig.text(0.5, 0.5, NO_CURVATURE.format(why=why), ha="center", va="center", fontsize=11)
+    fig.savefig(path, dpi=DPI)  # the whole page: a tight box would crop it to the sentence
+
+
+def _against(ax, table: pd.DataFrame, value: str, line: str, labels: tuple[str, str]) -> str:
+    """``value`` per epoch against its threshold ``line`` on a log axis; a title saying where it ended."""
+    rows = table[[value, line]].dropna()
+    marker = "o" if len(rows) <= 30 else None
+    ax.plot(rows.index, rows[value], marker=marker, ms=3, color=TRAIN_COLOR, label=labels[0])
+    ax.plot(rows.index, rows[line], ls="--", color=VAL_COLOR, label=labels[1])
+    ax.set_yscale("log")
+    epoch_axis(ax)
+    ax.legend(fontsize=9, frameon=False)
+    last = rows.iloc[-1]
+    return f"{last[value]:.3g} at epoch {rows.index[-1]}: {last[value] / last[line]:.0%} of its threshold"
+
+
+def sharpness(curvature: pd.DataFrame, path: str | Path, optimizer: str = "") -> None:
+    """The top Hessian eigenvalue of the training loss per epoch against the optimizer's stability
+    threshold (2/η for gradient descent), log scale; beside it, for an adaptive optimizer, the
+    preconditioned sharpness against its own threshold (Cohen et al. 2022). ``curvature``:
+    optlab.training.record.read_curvature's."""
+    adaptive = "preconditioned_sharpness" in curvature
+    fig = figure(11 if adaptive else 7, 4.2)
+    if "sharpness" not in curvature:
+        return _blank(fig, path, "trained without them (Keras's fit, or train.sharpness_images: 0)")
+    axes = np.atleast_1d(fig.subplots(1, 2 if adaptive else 1))
+    sgd = optimizer in ("", "sgd")
+    threshold = "2/η, gradient descent's stability threshold" if sgd else f"2/η (gradient descent's, not {optimizer}'s)"
+    title = _against(axes[0], curvature, "sharpness", "stability_threshold", ("sharpness λmax(H)", threshold))
+    axes[0].set_title(f"Sharpness: {title}", fontsize=10)
+    axes[0].set_ylabel("top Hessian eigenvalue (nats per unit² of weight)")
+    if adaptive:
+        labels = ("λmax(P⁻¹H), P the optimizer's preconditioner", "its threshold, (2 + 2β1)/((1 - β1)η) for Adam")
+        title = _against(axes[1], curvature, "preconditioned_sharpness", "preconditioned_threshold", labels)
+        axes[1].set_title(f"Preconditioned sharpness: {title}", fontsize=10)
+        axes[1].set_ylabel("top eigenvalue of P⁻¹H (per step of unit rate)")
+    fig.suptitle("Sharpness against the stability threshold (Cohen et al. 2021, 2022), on a fixed training subset")
+    save(fig, path)
+
+
+def noise_scale(curvature: pd.DataFrame, batch_size: int | None, path: str | Path) -> None:
+    """The gradient noise scale B_simple = tr(Σ)/|G|² per epoch (McCandlish et al. 2018: the
+    critical batch size, past which a larger batch buys little), beside the batch size in use."""
+    fig = figure(7, 4.2)
+    rows = curvature["noise_scale"].dropna() if "noise_scale" in curvature else pd.Series(dtype=float)
+    if rows.empty:
+        why = "trained without it" if "gradient_signal" not in curvature else "never had |G|² above its noise"
+        return _blank(fig, path, f"{why} (Keras's fit, or train.noise_scale_images: 0)")
+    ax = fig.subplots()
+    ax.plot(rows.index, rows, marker="o" if len(rows) <= 30 else None, ms=3, color=TRAIN_COLOR,
+            label="B_simple = tr(Σ)/|G|²")  # fmt: skip
+    if batch_size:
+        ax.axhline(batch_size, ls="--", color=VAL_COLOR, label=f"the batch size in use, {batch_size}")
+    ax.set_yscale("log")
+    ax.set_ylabel("examples per batch")
+    epoch_axis(ax)
+    ax.legend(fontsize=9, frameon=False)
+    last = f"{rows.iloc[-1]:.3g} at epoch {rows.index[-1]}"
+    shown = f", {rows.iloc[-1] / batch_size:.3g}x the batch size" if batch_size else ""
+    ax.set_title(f"Gradient noise scale (the critical batch size): {last}{shown}", fontsize=10)
+    save(fig, path)
+
+
 # --- test-set results ----------------------------------------------------------------------
 def confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path) -> None:
     """Counts (actual rows, predicted columns), coloured by the share of each actual class so
@@ -272,14 +343,20 @@ class Figures:
     probabilities: np.ndarray  # (test images, classes)
     images: np.ndarray  # the original test images, uint8 (N, H, W, C)
     classes: Sequence[str]
+    curvature: pd.DataFrame | None = None  # from optlab.record.read_curvature (None or empty: not measured)
+    batch_size: int | None = None  # the run's train.batch_size, beside the noise scale
+    optimizer: str = ""  # the run's optimizer.name (the sharpness figure names its threshold)
 
     def draw(self, out: Path, params: PlotParams) -> list[str]:
         """Write every figure into ``out``; return their file names."""
         cm = metrics.confusion(self.y_test, self.probabilities.argmax(axis=1), len(self.classes))
+        curvature = self.curvature if self.curvature is not None else pd.DataFrame()
         figures = {
             "learning_curves.png": lambda path: learning_curves(self.history, path, self.replicas),
             "learning_rate.png": lambda path: learning_rate(self.history, path),
             "gradients.png": lambda path: gradients(self.diagnostics, path),
+            "sharpness.png": lambda path: sharpness(curvature, path, self.optimizer),
+            "noise_scale.png": lambda path: noise_scale(curvature, self.batch_size, path),
             "confusion_matrix.png": lambda path: confusion_matrix(cm, self.classes, path),
             "per_class_f1.png": lambda path: per_class_f1(metrics.f1_by_class(cm, self.classes), path),
             "confused_images.png": lambda path: confused_images(

@@ -31,6 +31,7 @@ REPLICAS = "replicas.json"  # each replica's own figures (seed, epochs, accuraci
 REPLICA_HISTORY = "replicas"  # under HISTORY_DIR: replicas/r<k>/<metric>.tsv, with 2 replicas or more
 HISTORY_DIR = "plots/metrics"  # dvclive's per-epoch TSVs, one per metric
 LEARNING_RATE = "learning_rate"
+TRAJECTORY = "trajectory.npz"  # in the run's logs directory, outside DVC's outputs (train.trajectory)
 
 
 def history_name(key: str) -> str:
@@ -50,6 +51,11 @@ def history_file(live_dir: str | Path, key: str) -> Path:
 # never summary columns (dvc exp show stays readable).
 DIAGNOSTICS = "diagnostics"
 DIAGNOSTIC_KINDS = ("grad_norm", "weight_norm", "update_ratio", "dead_fraction")
+# The whole model's curves, logged as f"{DIAGNOSTICS}/{name}" (optlab.training.hessian): the top
+# Hessian eigenvalue and its stability threshold, the same preconditioned (adaptive optimizers), and
+# the gradient noise scale B_simple with its two parts, tr(Σ) and |G|².
+CURVATURE = ("sharpness", "stability_threshold", "preconditioned_sharpness", "preconditioned_threshold",
+             "noise_scale", "gradient_noise", "gradient_signal")  # fmt: skip
 
 
 def run_info(params: Any, engine: Any, fingerprint: dict[str, str]) -> dict:
@@ -109,6 +115,10 @@ class TrainLog:
         for key, value in logs.items():
             self.live.log_metric(f"{prefix}{history_name(key)}", value)
         for layer, values in (diagnostics or {}).items():
+            if not isinstance(values, Mapping):  # a whole-model series (CURVATURE)
+                if values is not None:
+                    self.live.log_metric(f"{prefix}{DIAGNOSTICS}/{layer}", values)
+                continue
             for kind, value in values.items():
                 if value is not None:
                     self.live.log_metric(f"{prefix}{DIAGNOSTICS}/{kind}/{layer}", value)
@@ -132,17 +142,7 @@ class TrainLog:
                 return
             logs = {k: float(np.mean([h.epochs[e - 1][k] for h in ran])) for k in ran[0].epochs[e - 1]}
             diagnosed = [h.diagnostics[e - 1] for h in ran if len(h.diagnostics) >= e]
-            mean = None
-            if diagnosed:
-                mean = {
-                    layer: {
-                        kind: (None if any(d[layer][kind] is None for d in diagnosed)
-                               else float(np.mean([d[layer][kind] for d in diagnosed])))
-                        for kind in diagnosed[0][layer]
-                    }
-                    for layer in diagnosed[0]
-                }  # fmt: skip
-            self.log_epoch(logs, mean)
+            self.log_epoch(logs, _mean_diagnostics(diagnosed) if diagnosed else None)
 
     def log_members(self, epoch: int, histories: Sequence[Any]) -> None:
         """After ``epoch`` (from 0): each member's row, for those that ran it, and the mean rows."""
@@ -168,6 +168,63 @@ class TrainLog:
 
     def abandon(self) -> None:
         remove_outputs(self.dir)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    return None if any(v is None for v in values) else float(np.mean(values))
+
+
+def _mean_diagnostics(diagnosed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The replicas' mean of each per-layer diagnostic, and of each whole-model series all of them
+    measured (None where one of them has none: a ReLU-less layer, an undefined noise scale)."""
+    first = diagnosed[0]
+    layers = {layer: {kind: _mean([d[layer][kind] for d in diagnosed]) for kind in values}
+              for layer, values in first.items() if isinstance(values, Mapping)}  # fmt: skip
+    series = {k: _mean([d.get(k) for d in diagnosed]) for k, v in first.items() if not isinstance(v, Mapping)}
+    return {**layers, **series}
+
+
+def read_curvature(live_dir: str | Path) -> Any:
+    """The whole-model series a run logged (CURVATURE: sharpness, thresholds, noise scale), as a
+    pandas DataFrame with one row per epoch measured (from 1) and one column per series; empty
+    when it logged none (the keras loop, or both measurements off)."""
+    import pandas as pd
+
+    root = Path(live_dir) / HISTORY_DIR / DIAGNOSTICS
+    found = {name: read_series(root / f"{name}.tsv") for name in CURVATURE if (root / f"{name}.tsv").is_file()}
+    table = pd.DataFrame(found).sort_index()
+    table.index.name = "epoch"
+    return table
+
+
+def read_run_info(live_dir: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """What the run recorded about itself (RUN_INFO: its params, backend, versions, timings);
+    ``missing_ok``: {} when there is none."""
+    path = Path(live_dir) / RUN_INFO
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise OptlabError(f"{path} not found; run `dvc repro train`")
+    return json.loads(path.read_text())
+
+
+def save_trajectory(logs_dir: str | Path, epochs: Sequence[int], weights: Sequence[np.ndarray], params: Any) -> Path:
+    """Replica 0's trainable weights (flattened, in ``model.trainable_variables`` order) after each
+    of ``epochs`` (0: before the first), with the params that trained them, as TRAJECTORY."""
+    path = Path(logs_dir) / TRAJECTORY
+    with atomic_file(path) as tmp:
+        np.savez(tmp, epochs=np.asarray(epochs, dtype=np.int32), weights=np.stack(weights).astype(np.float32),
+                 params=json.dumps(params.model_dump(), sort_keys=True))  # fmt: skip
+    return path
+
+
+def read_trajectory(logs_dir: str | Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(epochs, weights: one row per epoch, params) of TRAJECTORY, or None when there is none."""
+    path = Path(logs_dir) / TRAJECTORY
+    if not path.is_file():
+        return None
+    with np.load(path) as saved:
+        return saved["epochs"], saved["weights"], json.loads(str(saved["params"]))
 
 
 def read_diagnostics(live_dir: str | Path) -> dict[str, Any]:
