@@ -6,7 +6,7 @@ LOCK   := requirements.lock
 # Stage commands call `python`; put the project's environment first on PATH for DVC.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test bench lock clean-venv
+.PHONY: install repro test test-fast bench notebook lock clean-venv
 
 install: $(VENV)/.installed
 
@@ -23,8 +23,16 @@ repro: install          ## train and evaluate the experiment in params.yaml
 test: install           ## the whole test suite
 	$(BIN)/python -m pytest
 
+test-fast: install      ## the tests not marked slow: no DVC pipeline, no long training (about 2 minutes)
+	$(BIN)/python -m pytest -m "not slow"
+
 bench: install          ## optlab's training speed against the plain Keras recipe
 	$(BIN)/python benchmarks/train_speed.py
+
+notebook: install       ## register .venv as the Jupyter kernel "optlab", and say how to open notebooks/optlab.ipynb
+	$(BIN)/python -m ipykernel install --user --name optlab --display-name "optlab (.venv)"
+	@echo "Open notebooks/optlab.ipynb with the kernel 'optlab (.venv)' (VS Code, or a Jupyter you have), or here:"
+	@echo "  $(BIN)/pip install jupyterlab && $(BIN)/jupyter lab notebooks/optlab.ipynb"
 
 lock:                   ## re-pin requirements.lock: what pyproject.toml's ranges resolve to today, fresh
 	rm -rf .lock-venv

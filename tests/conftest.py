@@ -4,6 +4,7 @@ Fashion-MNIST from whichever genuine source the machine has."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -43,9 +44,13 @@ def repo_params(**overrides) -> dict:
     from optlab.core.params import GROUP_NAMES, read_raw, set_dotted
 
     raw = read_raw(REPO / "params.yaml")
-    for group in GROUP_NAMES:
-        if group in overrides:
-            raw[group] = yaml.safe_load((REPO / "conf" / group / f"{overrides.pop(group)}.yaml").read_text())
+    chosen = {group: overrides.pop(group) for group in GROUP_NAMES if group in overrides}
+    for group in GROUP_NAMES:  # the optimizer first: its file may choose the schedule, as Hydra lets it
+        if group in chosen:
+            raw[group] = yaml.safe_load((REPO / "conf" / group / f"{chosen[group]}.yaml").read_text())
+            for entry in raw[group].pop("defaults", []):  # {"override /schedule@...": "constant"}
+                for target, name in entry.items():
+                    chosen.setdefault(target.split()[-1].strip("/").split("@")[0], name)
     return set_dotted(raw, overrides)
 
 
@@ -238,6 +243,37 @@ def digits(tmp_path_factory):
 @pytest.fixture
 def digits_dir(tmp_path: Path) -> Path:
     return prepared_digits(tmp_path / "prepared")
+
+
+@pytest.fixture(scope="session")
+def baseline_project(tmp_path_factory, dvc_bin, worker_id):
+    """This repository on digits with `dvc repro` run and committed (tests/project.py), built once
+    for the whole session: the first test worker to need it builds it, the others wait for it (a
+    file lock in the directory pytest-xdist's workers share) and reuse it."""
+    from filelock import FileLock
+
+    from project import Project, make_baseline
+
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker_id != "master" else shared
+    root, done = shared / "baseline" / "optlab", shared / "baseline" / "done.json"
+    with FileLock(str(shared / "baseline.lock")):
+        if not done.is_file():
+            root.parent.mkdir(parents=True, exist_ok=True)
+            p = make_baseline(root, dvc_bin, REPO)
+            done.write_text(json.dumps({"first_repro": p.first_repro, "baseline": p.baseline}))
+    p = Project(root, dvc_bin)
+    recorded = json.loads(done.read_text())
+    p.first_repro, p.baseline = recorded["first_repro"], recorded["baseline"]
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(baseline_project, tmp_path_factory):
+    """A private copy of the baseline project for one test module (tests reset it between them)."""
+    from project import copy_project
+
+    return copy_project(baseline_project, tmp_path_factory.mktemp("project") / "optlab")
 
 
 @pytest.fixture(scope="session")

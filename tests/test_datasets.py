@@ -33,7 +33,7 @@ from optlab.data.datasets import DATASETS, fetch, get_spec, load
 from optlab.data.files import RAW_ARRAYS
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE = ROOT / "src" / "optlab" / "stages" / "download.py"
+STAGE = ROOT / "stages" / "download.py"
 NOWHERE = "http://127.0.0.1:9"  # discard port: any download attempt from a local source fails loudly
 
 
@@ -314,6 +314,8 @@ def params_yaml(**overrides) -> str:
 def run_stage(cwd: Path, params: str, hashes: dict | None = None, **env: str) -> subprocess.CompletedProcess:
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(params)
+    if not (cwd / "conf").exists():  # the options of the params' groups, as in a checkout
+        (cwd / "conf").symlink_to(ROOT / "conf", target_is_directory=True)
     imports = cwd.parent / f"{cwd.name}-imports.json"
     env = {**os.environ, **env, "TEST_HASHES": json.dumps(hashes or {}), "TEST_STAGE": str(STAGE)}
     env["TEST_IMPORTS"] = str(imports)
@@ -398,7 +400,7 @@ def test_stage_fails_cleanly(tmp_path, kind, previous):
     proc = run_stage(work, params, hashes, **env)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and BAD[kind] in proc.stderr and "Traceback" not in proc.stderr
-    leftovers = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    leftovers = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.name != "conf")
     assert leftovers == (["data", "data/raw", "data/raw/x_train.npy", "params.yaml"] if previous else ["params.yaml"])
     if previous:
         assert (work / "data/raw/x_train.npy").read_bytes() == b"previous"

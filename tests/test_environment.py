@@ -15,7 +15,7 @@ from packaging.utils import canonicalize_name
 from conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-FIRST_PARTY = {"optlab", "conftest", "archives"} | {p.stem for p in (REPO / "tests").glob("test_*.py")}
+FIRST_PARTY = {"optlab", "conftest", "archives", "project"} | {p.stem for p in (REPO / "tests").glob("test_*.py")}
 
 
 def _requirements(*extras: str) -> dict[str, Requirement]:

@@ -16,11 +16,10 @@ import pytest
 import yaml
 from sklearn import metrics as skm
 
-from conftest import TEST_METRIC_KEYS, stage_args
+from conftest import REPO, TEST_METRIC_KEYS, stage_args, write_params
 from optlab.core.errors import OptlabError
 from optlab.evaluation import metrics
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "frog"]
 
 # Seven samples, three classes. Predicted (argmax): 0, 1, 1, 1, 2, 2, 2.
@@ -173,11 +172,11 @@ def _write_model(root: Path, n_inputs: int):
 def _write_params(root: Path) -> None:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["top_k"] = 2
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root / "params.yaml", params)  # with conf/ beside it
 
 
 def _run_evaluate(root: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "optlab.stages.evaluate", *stage_args("evaluate")]  # as dvc.yaml runs it
+    cmd = [sys.executable, str(REPO / "stages" / "evaluate.py"), *stage_args("evaluate")]  # as dvc.yaml runs it
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}  # the stage picks it from params
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 

@@ -43,10 +43,28 @@ def test_every_group_option_is_a_valid_conf_file():
     for group, members in GROUPS.items():
         files = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
         assert files == sorted(members), (group, files)
-    for name in OPTIMIZER_NAMES:  # (schedule-free AdamW takes no schedule)
-        assert load_variant(REPO, [f"optimizer={name}", "schedule=constant"]).optimizer.name == name
+    for name in OPTIMIZER_NAMES:
+        assert load_variant(REPO, [f"optimizer={name}"]).optimizer.name == name
     p = load_variant(REPO, ["optimizer=sgd", "optimizer.momentum=0.5", "schedule=step"])
     assert (p.optimizer.name, p.optimizer.momentum, p.schedule.name) == ("sgd", 0.5, "step")
+
+
+def test_schedule_free_adamw_chooses_the_constant_schedule_as_dvc_exp_run_composes_it():
+    # `dvc exp run -S optimizer=schedule_free_adamw`, typed as the README types -S optimizer=rmsprop:
+    # its conf file's defaults list overrides the schedule, so params.yaml says constant.
+    p = load_variant(REPO, ["optimizer=schedule_free_adamw"])
+    assert (p.optimizer.name, p.schedule.name) == ("schedule_free_adamw", "constant")
+    assert p.schedule.model_dump() == {"name": "constant"}  # no warmup_epochs left of warmup_cosine
+    assert load_variant(REPO, ["schedule=constant", "optimizer=schedule_free_adamw"]).schedule.name == "constant"
+    # Only a schedule the user names beside it is refused, in either order.
+    for overrides in (
+        ["optimizer=schedule_free_adamw", "schedule=cosine"],
+        ["schedule=step", "optimizer=schedule_free_adamw"],
+    ):
+        with pytest.raises(ParamsError, match="schedule: optimizer schedule_free_adamw replaces the learning-rate"):
+            load_variant(REPO, overrides)
+    # The other optimizers keep the experiment's schedule.
+    assert load_variant(REPO, ["optimizer=sgd"]).schedule.name == load_params(REPO / "params.yaml").schedule.name
 
 
 def test_a_knob_of_another_optimizer_is_refused_by_hydra_and_by_optlab():

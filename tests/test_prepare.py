@@ -25,7 +25,7 @@ from optlab.data.files import RawData, RawMeta, load_raw, save_raw
 from optlab.data.prepare import channel_stats, count_images, prepare, scale, stratified_split
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = REPO / "src" / "optlab" / "stages" / "prepare.py"
+STAGE = REPO / "stages" / "prepare.py"
 STAGE_ARGS = stage_args("prepare")  # as dvc.yaml runs it
 PREPARED_FILES = {f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test")} | {"meta.json"}
 
@@ -67,6 +67,8 @@ def write_params(root: Path, edits: dict | None = None, **dotted) -> Path:
         section[leaf] = value
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params))
+    if not (root / "conf").exists():  # the options of the params' groups, as in a checkout
+        (root / "conf").symlink_to(REPO / "conf", target_is_directory=True)
     return path
 
 
@@ -84,7 +86,7 @@ def stage_main():
 
 
 def run_in_process(stage_main, root: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """The stage as `python -m optlab.stages.prepare` runs it, without a new interpreter."""
+    """The stage as `python stages/prepare.py` runs it, without a new interpreter."""
     monkeypatch.chdir(root)
     code = run(stage_main, STAGE_ARGS)
     return code, capsys.readouterr().err

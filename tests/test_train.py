@@ -89,8 +89,8 @@ def test_every_optimizer_and_schedule_builds(optimizer, schedule):
     lr0 = p.optimizer.learning_rate
     rate = opt.learning_rate
     first = float(keras.ops.convert_to_numpy(rate))
-    if schedule == "warmup_cosine":
-        assert first < lr0  # the warm-up starts low
+    if schedule in ("warmup_cosine", "wsd", "inverse_sqrt", "one_cycle", "cyclical"):
+        assert first < lr0  # a warm-up, or a cycle, starts low
     else:
         assert first == pytest.approx(lr0, rel=1e-6)
 
@@ -114,6 +114,47 @@ def test_schedules_follow_their_shape():
     )
     warm = rates("warmup_cosine", **{"schedule.warmup_epochs": 2.0})
     assert warm[0] < warm[1] < warm[2] == pytest.approx(lr, rel=1e-4) and warm[-1] < warm[2]
+
+
+def _formula(name: str, s: int, total: int, warmup: int, k: dict) -> float:
+    """Each new schedule's value (x the peak) at step s, written out from its paper's definition."""
+    import math
+
+    if warmup and s < warmup:
+        return (s + 1) / warmup  # the linear warm-up any of them may take
+    t, span = s - warmup, total - warmup
+    if name == "linear_decay":
+        return 1 - t / span
+    if name == "wsd":
+        x = min(max((t - (span - k["decay_fraction"] * span)) / (k["decay_fraction"] * span), 0), 1)
+        return {"linear": 1 - x, "cosine": (1 + math.cos(math.pi * x)) / 2, "sqrt": 1 - math.sqrt(x)}[k["cooldown"]]
+    if name == "one_cycle":
+        rise, lo, hi = k["warmup_fraction"] * span, k["start_factor"], k["end_factor"]
+        if t < rise:
+            return lo + (1 - lo) * (1 - math.cos(math.pi * t / rise)) / 2
+        return hi + (1 - hi) * (1 + math.cos(math.pi * (t - rise) / (span - rise))) / 2
+    if name == "inverse_sqrt":
+        return math.sqrt(warmup / (t + warmup))
+    half = k["half_cycle_epochs"] * 10  # cyclical: Smith 2017's triangle, from the low rate
+    cycle = math.floor(1 + t / (2 * half))
+    return k["low_factor"] + (1 - k["low_factor"]) * max(0.0, 1 - abs(t / half - 2 * cycle + 1))
+
+
+@pytest.mark.parametrize("name, knobs", [
+    ("linear_decay", {}), ("linear_decay", {"schedule.warmup_epochs": 2.0}),
+    ("wsd", {"schedule.cooldown": "sqrt"}), ("wsd", {"schedule.cooldown": "linear", "schedule.decay_fraction": 0.5}),
+    ("wsd", {"schedule.cooldown": "cosine"}), ("one_cycle", {}), ("inverse_sqrt", {}), ("cyclical", {}),
+    ("cyclical", {"schedule.warmup_epochs": 1.0, "schedule.low_factor": 0.0}),
+])  # fmt: skip
+def test_each_new_schedule_matches_its_formula_at_chosen_steps(name, knobs):
+    p = small(schedule=name, **{"train.epochs": 10, **knobs})
+    rate, lr = schedules.build(p, steps_per_epoch=10), p.optimizer.learning_rate
+    k = p.schedule.model_dump()
+    warmup = round(k.get("warmup_epochs", 0.0) * 10)
+    for s in (0, 1, 5, 9, 10, 19, 20, 33, 50, 62, 79, 80, 85, 97, 99):
+        got = float(keras.ops.convert_to_numpy(rate(s)))
+        # float32 arithmetic: 1e-6 of the peak near the end of a cosine, where 1 + cos(x) cancels
+        assert got == pytest.approx(lr * _formula(name, s, 100, warmup, k), rel=1e-5, abs=1e-6 * lr), (name, s)
 
 
 @pytest.mark.parametrize("loop_name", ["compiled", "keras"])
@@ -544,8 +585,9 @@ def test_dead_units_of_a_layer_whose_biases_are_very_negative(tmp_path):
 
 def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tmp_path):
     data = prepared_digits(tmp_path / "prepared")
-    params = repo_params(**{"dataset": "digits", "train.epochs": 25, "model.hidden": [1024, 1024],
-                            "train.batch_size": 8})  # fmt: skip
+    # Epochs long enough (about a second each) to be seen one by one, short enough for the suite.
+    params = repo_params(**{"dataset": "digits", "train.epochs": 12, "model.hidden": [512, 512], "train.batch_size": 8,
+                            "train.sharpness_images": 0, "train.noise_scale_images": 0})  # fmt: skip
     write_params(tmp_path / "params.yaml", params)
     cmd = [sys.executable, str(REPO / "stages" / "train.py"), *train_args(data)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -561,12 +603,12 @@ def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tm
         time.sleep(0.02)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
-    mid_run = {rows: status for rows, status in seen.items() if rows < 25}
+    mid_run = {rows: status for rows, status in seen.items() if rows < 12}
     assert len(mid_run) >= 3, f"the history should grow while training runs: {seen}"
     assert set(mid_run.values()) == {"running"}, seen
     assert json.loads((tmp_path / "live/run.json").read_text())["status"] == "complete"
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("epoch")] == [
-        f"epoch {e:>2}/25" for e in range(1, 26)
+        f"epoch {e:>2}/12" for e in range(1, 13)
     ]
 
 
