@@ -80,6 +80,18 @@ def test_expected_best_is_the_mean_best_of_k_draws():
     assert tuning.expected_best(values, 1) == pytest.approx(np.mean(values))
 
 
+def test_a_trial_a_queue_worker_still_trains_is_not_yet_held():
+    from optlab.study import experiments
+
+    def exp(name, executor):
+        return {"revs": [{"rev": name, "name": name}], "executor": executor, "name": name}
+
+    records = [{"rev": "base", "experiments": [exp("done", None), exp("ran", {"state": "success"}),
+                                                exp("going", {"state": "running"})]}]  # fmt: skip
+    assert [s["rev"] for s in experiments.iter_states(records)] == ["base", "done", "ran", "going"]
+    assert [s["rev"] for s in experiments.iter_states(records, finished=True)] == ["base", "done", "ran"]
+
+
 def test_time_to_target_and_the_performance_profile():
     assert tuning.time_to_target([0.5, 0.79, 0.81, 0.9], 0.8) == 3 and tuning.time_to_target([0.5], 0.8) is None
     times = {"a": {"x": 10.0, "y": 20.0}, "b": {"x": 30.0, "y": math.inf}}
@@ -117,7 +129,7 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
 
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None and not trained():
-            time.sleep(5)
+            time.sleep(3)
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         os.killpg(proc.pid, signal.SIGINT)
         proc.communicate(timeout=120)
@@ -133,7 +145,7 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
         names = project.exp_names()
         assert all(t.name in names for ts in outcome.trials.values() for t in ts)
         assert len({t.name for t in outcome.trials["sgd"]}) == 6 and len({t.name for t in outcome.trials["adam"]}) <= 2
-        report = project.sh(*cmd[:3], "report", "small", "--repo", str(project.root)).stdout
+        report = project.sh(*cmd[:4], "report", "small", "--repo", str(project.root)).stdout
         md = (project.root / "reports/study/small.md").read_text()
         assert "wrote" in report and "| adam |" in md and "### Tunability" in md and "k = 6" in md
         for figure in ("sensitivity", "tunability", "curves"):

@@ -165,24 +165,27 @@ def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
                     all_commits=all_commits, hide_queued=True, hide_failed=True, hide_workspace=True
                 )
                 return [state.dumpd() for state in states]
-        except DvcException as exc:
-            raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
-        except FileNotFoundError:
-            # DVC 3.66 reads each active queued experiment's .dvc/tmp/exps/run/<rev>/<rev>.run, which
-            # a worker creates and removes as it starts and ends one: a race while a sweep runs.
-            if attempt == SHOW_ATTEMPTS - 1:
-                raise
+        except (DvcException, FileNotFoundError) as exc:
+            # DVC 3.66 reads each active queued experiment's files under .dvc/tmp/exps (its .run info,
+            # its temporary copy of the repository), which a worker creates and removes as it starts
+            # and ends one: while a sweep runs, a read can miss them. Tried again, then reported.
+            transient = isinstance(exc, FileNotFoundError) or f"{Path('.dvc', 'tmp', 'exps')}" in str(exc)
+            if not transient or attempt == SHOW_ATTEMPTS - 1:
+                raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
             time.sleep(1.0)
     raise AssertionError("unreachable")
 
 
-def iter_states(records: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+def iter_states(records: Iterable[dict[str, Any]], finished: bool = False) -> Iterable[dict[str, Any]]:
     """Every commit and experiment state in ``dvc exp show --json`` records (DVC 3 layout:
-    baselines, each with ``experiments``: ranges of ``revs``)."""
+    baselines, each with ``experiments``: ranges of ``revs``, and the range's ``executor`` while
+    a queue runs it). ``finished``: not the experiments still running (their metrics so far)."""
     for baseline in records:
         yield baseline
         for exp_range in baseline.get("experiments") or []:
-            yield from exp_range.get("revs") or []
+            state = (exp_range.get("executor") or {}).get("state", "success")
+            if not finished or state == "success":
+                yield from exp_range.get("revs") or []
 
 
 class UnusableRun(ValueError):

@@ -54,9 +54,10 @@ def _key(params: dict[str, Any]) -> str:
 
 
 def members(repo: Path) -> dict[str, Member]:
-    """Every trained model of HEAD's experiments, by :func:`_key` of its params."""
+    """Every trained model of HEAD's finished experiments (not one a queue worker still trains),
+    by :func:`_key` of its params."""
     pipeline, found = Pipeline.load(repo), {}
-    for state in experiments.iter_states(experiments.exp_show(repo)):
+    for state in experiments.iter_states(experiments.exp_show(repo), finished=True):
         if not state.get("name") or state.get("error") or state.get("rev") == "workspace":
             continue
         try:
