@@ -31,7 +31,6 @@ import functools
 import json
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,16 +165,18 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--data", type=Path, help="prepared Fashion-MNIST, flat (default: prepare it into a temporary one)")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from optlab.training.backend import configure
 
     configure("jax")
     with tempfile.TemporaryDirectory() as scratch:
         data = args.data
         if data is None:
-            from train_speed import write_data
+            import importlib.util  # benchmarks/ is no package: its train_speed.py, by path
 
-            write_data(Path(scratch))
+            spec = importlib.util.spec_from_file_location("train_speed", REPO / "benchmarks" / "train_speed.py")
+            train_speed = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(train_speed)
+            train_speed.write_data(Path(scratch))
             data = Path(scratch) / "mlp"
         found = {"diagnostics": diagnostics_costs(data, args.epochs, args.images)}
         found["end_to_end_seconds_per_epoch"] = end_to_end(data, args.epochs)

@@ -44,6 +44,8 @@ FIGURES = {
     "per_class_f1.png",
     "confused_images.png",
     "gradients.png",
+    "sharpness.png",
+    "noise_scale.png",
 }
 UP_TO_DATE = "Data and pipelines are up to date."
 QUEUE_TIMEOUT_S = 900

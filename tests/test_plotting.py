@@ -23,7 +23,7 @@ from optlab.training.record import read_history
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = (
     "learning_curves.png", "learning_rate.png", "confusion_matrix.png", "per_class_f1.png", "confused_images.png",
-    "gradients.png",
+    "gradients.png", "sharpness.png", "noise_scale.png",
 )  # fmt: skip
 
 

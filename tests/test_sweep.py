@@ -152,7 +152,9 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
 
     assert cli.main(["compare", "--repo", str(other), "--all-commits", "--baseline", names[0]]) == 0
     report = (other / "reports/compare.md").read_text()
-    assert "optimizer=sgd" in report and "optimizer=adam" in report  # both variants, ranked
+    # Both variants, ranked: the baseline, and the other named by what it changes.
+    assert "2 runs in 2 variants" in report and "| baseline |" in report
+    assert ("optimizer=sgd" in report) != ("optimizer=adam" in report), report
 
 
 @slow

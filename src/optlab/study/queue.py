@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Collection, Iterator
@@ -320,3 +321,10 @@ def stop_workers(repo: Path) -> None:
         live = list(_live_workers(node_prefix(q.wdir)).values())
         if live:
             q.celery.control.shutdown(destination=live)
+
+
+def bar(total: int, shown: bool, initial: int = 0):
+    """A sweep's progress bar on stderr (tqdm), counting experiments."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not shown, unit="exp", desc="sweep", file=sys.stderr)

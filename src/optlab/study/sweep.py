@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from optlab.core.errors import OptlabError
-from optlab.study import shell
+from optlab.study import queue, shell
 from optlab.study.shell import LOG_TAIL
 
 EXECUTORS = ("local", "ray")
@@ -264,12 +264,6 @@ def run_points(
     return account
 
 
-def _bar(total: int, shown: bool, initial: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not shown, unit="exp", desc="sweep", file=sys.stderr)
-
-
 def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
     """Refuse an unreachable head node in seconds (ray.init retries a dead address for minutes)."""
     if not address or address == "auto" or "://" in address:
@@ -312,7 +306,7 @@ def _sweep_ray(repo, account, address, cpus, gpus, git_remote, retries, log_dir,
         if logs:
             Path(logs).mkdir(parents=True, exist_ok=True)
         refs = {task.remote(checkout, o, n, threads, logs): n for n, o in todo}
-        bar = _bar(len(account.points), progress, initial=len(account.points) - len(todo))
+        bar = queue.bar(len(account.points), progress, initial=len(account.points) - len(todo))
         waiting = list(refs)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1, timeout=5.0)

@@ -51,10 +51,9 @@ class Supervisor:
         self.bar = None
 
     def run(self, progress: bool) -> None:
-        from optlab.study.sweep import _bar
 
         total = len(self.account.points)
-        self.bar = _bar(total, progress, initial=total - len(self.todo))
+        self.bar = queue.bar(total, progress, initial=total - len(self.todo))
         try:
             while self.todo:
                 snap = queue.snapshot(self.repo)

@@ -1,6 +1,5 @@
-"""The compiled engine: a Keras model and its optimizer as pure functions of their state, compiled
-by XLA on the JAX backend, in the shape of keras-io's guide "Writing a training loop from
-scratch in JAX".
+"""The compiled engine: a Keras model and its optimizer as pure functions of their state, compiled by
+XLA on the JAX backend, in the shape of keras-io's guide "Writing a training loop from scratch in JAX".
 
 The state is Keras's own three lists of arrays, ``(trainable, non_trainable, optimizer)``
 variables, each array with a leading *member* axis. The members are models of one architecture
@@ -16,7 +15,7 @@ functions below are written for one member, over the state of one member:
   inside the program, so no shuffled copy of the data is ever made;
 - :func:`predict`: a whole split in inference mode, in chunks of one shape.
 
-:class:`Engine` compiles them ``jax.vmap``-ped over the member axis: one path for one model and
+:class:`Engine` compiles them over the member axis (:func:`over_members`): one path for one model and
 for many. What is vectorized, diagnosed or compiled is a transformation of these functions.
 """
 
@@ -36,9 +35,8 @@ from optlab.training.backend import keras
 from optlab.training.models import EPOCH_METRICS
 
 CHUNK_STEPS = 256  # at most this many steps per compiled call: progress can be shown between calls
-# Diagnostics measure one step in this many (steps 0, 16, 32, ... of each compiled call), chosen
-# inside the scan with a `cond`: measuring every step made the default MLP's epoch 40% slower (a
-# dozen reductions over every weight, each step); one in 16 costs about 3% (benchmarks/train_speed.py).
+# Diagnostics measure one step in this many (steps 0, 16, 32, ... of each compiled call), chosen in the
+# scan with a `cond`: every step made the default MLP's epoch 40% slower; one in 16 costs about 3%.
 DIAGNOSED_EVERY = 16
 LOSS = keras.losses.SparseCategoricalCrossentropy()
 PER_EXAMPLE_LOSS = keras.losses.SparseCategoricalCrossentropy(reduction=None)
@@ -366,9 +364,8 @@ class Engine:
 
     def curvature(self, x: jax.Array, y: jax.Array, settings: hessian.Settings, epoch: int,
                   rates: Sequence[float]) -> list[dict[str, float | None]] | None:  # fmt: skip
-        """Per member, the sharpness and gradient noise scale of its current weights on the first
-        training images of ``x`` (``optlab.training.hessian``), with their thresholds at its
-        epoch's mean rate ``rates[r]``; None when ``settings`` skip ``epoch`` (from 0)."""
+        """Per member, the sharpness and noise scale of its weights (optlab.training.hessian), thresholds
+        at its epoch's mean rate ``rates[r]``; None when ``settings`` skip ``epoch`` (from 0)."""
         if self._curvature is None:
             self._curvature = hessian.Curvature(self.program.model, self.program.optimizer, settings, len(y))
         return self._curvature(self.state(), x, y, rates) if self._curvature.due(epoch) else None
