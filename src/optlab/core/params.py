@@ -259,8 +259,8 @@ class TrainParams(Section):
     diagnostics: Bool = True
     # Training images (the first of the split) whose loss's top Hessian eigenvalue is measured after
     # an epoch, against the optimizer's stability threshold (0: off). At 256 it, Adam's preconditioned
-    # one and the noise scale below cost 10% of the default MLP's epoch (benchmarks/diagnostics_speed.py);
-    # the cost grows with the images, the noise of the estimate shrinks.
+    # one and the noise scale below add 6% to the default MLP's epoch (benchmarks/diagnostics_speed.py,
+    # docs/diagnostics.md); the cost grows with the images, the noise of the estimate shrinks.
     sharpness_images: Annotated[Int, Field(ge=0, le=65_536)] = 256
     # Training images whose per-example gradients give the gradient noise scale B_simple, the
     # critical batch size (0: off; a variance needs 2 at least). Noisy once B_simple nears it.
