@@ -78,6 +78,15 @@ def main() -> None:
     rates, listed = ",".join(map(str, RATES)), "[" + ",".join(map(str, RATES)) + "]"
     optlab, dvc = [sys.executable, "-m", "optlab.study.cli"], [sys.executable, "-m", "dvc"]
     results = {}
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True).stdout
+    print(f"machine: {cpu.split(':')[-1].strip()}, {os.cpu_count()} cores; {len(RATES)} rates x {SEEDS} seeds, "
+          f"{args.epochs} epochs of the default MLP on Fashion-MNIST (single: the default experiment)")  # fmt: skip
+    print(f"{'way':<20}{'experiments':>12}{'wall s':>9}{'training s':>12}{'wall / training':>17}", flush=True)
+
+    def record(way: str, measured: tuple[float, float, int]) -> None:  # each row as soon as it is measured
+        results[way] = wall, train, n = measured
+        print(f"{way:<20}{n:>12}{wall:>9.1f}{train:>12.1f}{wall / max(train, 1e-9):>16.2f}x", flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "optlab"
         sh(Path(tmp), "git", "clone", "-q", str(REPO), str(root), env=env)
@@ -87,22 +96,16 @@ def main() -> None:
         sh(root, *dvc, "repro", "-q", "prepare", env=env)
         epochs = f"train.epochs={args.epochs}"
         if "separate" in ways:
-            results["separate"] = timed(root, env, *optlab, "sweep", "-S", f"optimizer.learning_rate={rates}",
-                                        "-S", f"seed=range(0,{SEEDS})", "-S", epochs, "-j", "2")  # fmt: skip
+            record("separate", timed(root, env, *optlab, "sweep", "-S", f"optimizer.learning_rate={rates}",
+                                     "-S", f"seed=range(0,{SEEDS})", "-S", epochs, "-j", "2"))  # fmt: skip
         if "groups" in ways:
-            results["groups"] = timed(root, env, *optlab, "sweep", "-S", f"optimizer.learning_rate={listed}",
-                                      "-S", f"seed=range(0,{SEEDS})", "-S", epochs, "-j", "2")  # fmt: skip
+            record("groups", timed(root, env, *optlab, "sweep", "-S", f"optimizer.learning_rate={listed}",
+                                   "-S", f"seed=range(0,{SEEDS})", "-S", epochs, "-j", "2"))  # fmt: skip
         if "one" in ways:
-            results["one program"] = timed(root, env, *dvc, "exp", "run", "-S", f"optimizer.learning_rate={listed}",
-                                           "-S", f"train.replicas={SEEDS}", "-S", epochs)  # fmt: skip
+            record("one program", timed(root, env, *dvc, "exp", "run", "-S", f"optimizer.learning_rate={listed}",
+                                        "-S", f"train.replicas={SEEDS}", "-S", epochs))  # fmt: skip
         if "single" in ways:
-            results["single default run"] = timed(root, env, *dvc, "exp", "run", "-S", "seed=11")
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"], capture_output=True, text=True).stdout
-    print(f"machine: {cpu.split(':')[-1].strip()}, {os.cpu_count()} cores; {len(RATES)} rates x {SEEDS} seeds, "
-          f"{args.epochs} epochs of the default MLP on Fashion-MNIST")  # fmt: skip
-    print(f"{'way':<20}{'experiments':>12}{'wall s':>9}{'training s':>12}{'wall / training':>17}")
-    for way, (wall, train, n) in results.items():
-        print(f"{way:<20}{n:>12}{wall:>9.1f}{train:>12.1f}{wall / max(train, 1e-9):>16.2f}x")
+            record("single default run", timed(root, env, *dvc, "exp", "run", "-S", "seed=11"))
     if "separate" in results:
         for way in ("groups", "one program"):
             if way in results:

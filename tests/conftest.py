@@ -281,3 +281,14 @@ def dvc_bin() -> str:
     path = shutil.which("dvc", path=str(Path(sys.executable).parent))
     assert path, "dvc is not installed in the test environment; run `make test`"
     return path
+
+
+# Tests that need one of these run DVC end to end or train on real Fashion-MNIST: slow, whatever
+# their own marks say, so `make test-fast` (-m "not slow") stays the unit tests.
+SLOW_FIXTURES = {"baseline_project", "project", "docs_project", "fashion_mnist_prepared"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
