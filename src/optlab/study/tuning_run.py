@@ -152,9 +152,12 @@ def phase_one(study: Study, repo: Path, groups: bool) -> tuple[list[list[str]], 
             missing = [p for p in points(study, problem, contender)
                        if _member_of(repo, found, trial(study, problem, contender, p)) is None]  # fmt: skip
             budget = study.spec.budget
+            # Why these trials do not train as a group, when groups are asked for ("" for none).
+            why = "" if not groups else "its space is more than the learning rate" if not rate_only(
+                study, contender) else _no_gain(study, contender) if len(missing) > 1 else ""  # fmt: skip
             if not missing:
                 said.append(f"{contender} on {problem}: all {budget} trials already run")
-            elif groups and rate_only(study, contender) and not _no_gain(study, contender) and len(missing) > 1:
+            elif groups and not why and len(missing) > 1:
                 rates = [p[RATE] for p in missing]
                 base = [o for o in trial(study, problem, contender, missing[0]) if not o.startswith(f"++{RATE}=")]
                 runs.append([*base, override(RATE, rates)])
@@ -162,9 +165,7 @@ def phase_one(study: Study, repo: Path, groups: bool) -> tuple[list[list[str]], 
                             f"(one experiment: {len(missing)} rates in one program)")  # fmt: skip
             else:
                 runs += [trial(study, problem, contender, p) for p in missing]
-                why = "its space is more than the learning rate" if not rate_only(study, contender) else \
-                    _no_gain(study, contender) if len(missing) > 1 else ""  # fmt: skip
-                how = "one experiment each" + (f" ({why}: no group)" if groups and why else "")
+                how = "one experiment each" + (f" ({why}: no group)" if why else "")
                 said.append(f"{contender} on {problem}: {len(missing)} of {budget} trials, {how}")
     return runs, said
 
