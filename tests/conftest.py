@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 import yaml
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from optlab.training import backend  # noqa: E402
+
+# As every stage does: Keras on JAX, and XLA's compiled programs kept on disk, so a test that
+# trains a program an earlier test (or stage) compiled loads it instead of compiling it again.
+backend.configure("jax")
 
 REPO = Path(__file__).resolve().parents[1]
 # What the evaluate stage writes to its test metrics file.
