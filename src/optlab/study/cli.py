@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from optlab.core.errors import OptlabError
-from optlab.study import compare, gate
+from optlab.study import blobio, compare, gate
 
 EXIT_GATE_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -186,6 +186,7 @@ def _defaults_listing(params_file) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    blobio.install()  # every command here reads git revisions through DVC
     try:
         if args.command == "sweep":
             return _sweep(args)

@@ -26,6 +26,7 @@ from typing import Any
 from optlab.core.errors import OptlabError
 from optlab.core.params import GROUP_NAMES, defaulted_knobs
 from optlab.evaluation.metrics import Summary, describe
+from optlab.study import blobio
 from optlab.study.pipeline import Pipeline
 from optlab.training import record
 
@@ -158,6 +159,7 @@ def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    blobio.install()
     for attempt in range(SHOW_ATTEMPTS):
         try:
             with Repo(str(repo)) as dvc_repo:

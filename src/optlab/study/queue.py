@@ -46,7 +46,7 @@ from pathlib import Path
 import psutil  # DVC's own dependency (its rwlock checks pids with it)
 
 from optlab.core.errors import OptlabError
-from optlab.study import shell
+from optlab.study import blobio, shell
 
 QUEUED, RUNNING, FINISHED = "queued", "running", "finished"
 HELD, ORPHANED, UNSURE = "held", "orphaned", "unsure"
@@ -114,6 +114,7 @@ def verdict(executor: Proc | None, workers: Collection[int], busy: Collection[in
 def _celery_queue(repo: Path) -> Iterator:
     from dvc.repo import Repo
 
+    blobio.install()
     with Repo(str(repo)) as dvc_repo:
         yield dvc_repo.experiments.celery_queue
 

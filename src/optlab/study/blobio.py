@@ -1,0 +1,52 @@
+"""A lost wake-up in pygit2's blob reader, through which DVC reads every file of a git revision,
+made harmless in optlab's own processes.
+
+DVC reads a revision's ``params.yaml``, ``dvc.lock`` and metrics with scmrepo's pygit2 backend,
+which streams each blob through ``pygit2.blob._BlobIO``: a writer thread fills a queue and sets
+an Event, ``_ready``; the reader waits on it. The reader clears ``_ready`` after finding the
+queue empty and the writer not yet closed, so when the writer closes in between, its last
+``set()`` is cleared and the reader waits for ever (``readinto`` and ``close`` alike). It is rare
+per read, but ``optlab sweep`` and ``optlab study`` read every experiment every two seconds: a
+study on digits hung there in 2 of 3 runs of the suite (stack: ``_BlobIO.readinto`` in
+``Event.wait``, the writer thread gone). :func:`install` gives each new reader a ``_ready`` whose
+untimed ``wait()`` wakes every :data:`WAKE_S` to look again, so a lost wake-up costs 20 ms
+instead of the process. pygit2's logic is left as it is.
+
+Private pygit2 attribute (``_BlobIO`` and its ``_ready``), checked against pygit2 1.20.1 and
+1.21.0, whose reader is the same: tests/test_experiments.py fails if the race is gone (then
+remove this module) or if the attributes change. The ``dvc`` commands themselves (queue
+workers, ``dvc exp show``) run in DVC's own processes, without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+WAKE_S = 0.02
+
+
+class WakingEvent(threading.Event):
+    """An Event whose ``wait()`` without a timeout returns every :data:`WAKE_S` (its callers in
+    pygit2 look at the queue and the writer's state again whatever ``wait`` returns)."""
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return super().wait(WAKE_S if timeout is None else timeout)
+
+
+def install() -> None:
+    """Make every ``_BlobIO`` created from now on wait with a :class:`WakingEvent` (idempotent)."""
+    from pygit2 import blob
+
+    init = blob._BlobIO.__init__
+    if getattr(init, "optlab_waking", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # The writer thread holds this very object and only ever calls set(): it keeps its state.
+        self._ready.__class__ = WakingEvent
+
+    __init__.optlab_waking = True
+    blob._BlobIO.__init__ = __init__

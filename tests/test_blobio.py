@@ -1,0 +1,60 @@
+"""pygit2's blob reader, through which DVC reads every file of a git revision, loses a wake-up when
+its writer closes between the reader's two looks (optlab.study.blobio): the race is forced here,
+pygit2's own Event hangs on it, optlab's waking one returns; and a real blob still reads whole.
+When a pygit2 release fixes the race, the first test fails: remove optlab.study.blobio then."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import pygit2
+from pygit2 import blob
+
+from optlab.study import blobio
+
+
+def _reader_whose_writer_closes_at_the_worst_moment(event_class: type[threading.Event]) -> blob._BlobIO:
+    """A ``_BlobIO`` whose queue is empty and whose writer closes right before the reader clears
+    ``_ready``: the writer's last ``set()`` comes, then the reader's ``clear()`` erases it."""
+
+    class ClosingJustBeforeClear(event_class):
+        def clear(self):
+            reader._writer_closed.set()  # the writer's close callback: closed, then its wake-up
+            self.set()
+            super().clear()
+
+    reader = blob._BlobIO.__new__(blob._BlobIO)  # no real blob: its state set by hand
+    reader._chunk, reader._queue, reader._writer_closed = None, queue.Queue(maxsize=1), threading.Event()
+    reader._ready = ClosingJustBeforeClear()
+    reader._ready.set()  # still set from the last chunk the reader took
+    reader._thread = threading.Thread(target=lambda: None)  # the writer, finished (close() joins it)
+    reader._thread.start()
+    return reader
+
+
+def _read_in_a_thread(reader: blob._BlobIO, within_s: float) -> list[int]:
+    got: list[int] = []
+    t = threading.Thread(target=lambda: got.append(reader.readinto(bytearray(8))), daemon=True)
+    t.start()
+    t.join(within_s)
+    return got
+
+
+def test_pygit2s_blob_reader_hangs_on_a_lost_wake_up_that_optlabs_event_survives():
+    stuck = _reader_whose_writer_closes_at_the_worst_moment(threading.Event)
+    assert _read_in_a_thread(stuck, 2.0) == [], f"pygit2 {pygit2.__version__} no longer loses the wake-up"
+    stuck._ready.set()  # let the stuck reader go: it sees the writer closed, and reads EOF
+    woken = _reader_whose_writer_closes_at_the_worst_moment(blobio.WakingEvent)
+    assert _read_in_a_thread(woken, 2.0) == [0]  # EOF, within one WAKE_S
+
+
+def test_after_install_a_real_blob_reads_whole_with_a_waking_event(tmp_path):
+    blobio.install()
+    blobio.install()  # idempotent: one wrapper
+    assert blob._BlobIO.__init__.optlab_waking and not hasattr(blob._BlobIO.__init__.__wrapped__, "optlab_waking")
+    repo = pygit2.init_repository(str(tmp_path))
+    content = b"train:\n  epochs: 3\n" * 20_000  # several of the writer's chunks
+    with pygit2.BlobIO(repo[repo.create_blob(content)]) as f:
+        assert isinstance(f.raw._ready, blobio.WakingEvent)
+        assert f.read() == content
