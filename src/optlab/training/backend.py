@@ -174,9 +174,14 @@ def _compilation_cache() -> None:
     of the same program (another seed, another experiment of a study, the next stage) loads it
     instead of compiling it again: seconds per process. The same program gives the same numbers
     whether compiled or loaded (tests/test_backend.py). ``OPTLAB_COMPILATION_CACHE``: its directory
-    (default: ``jax/`` in optlab's download cache, ``$OPTLAB_CACHE_DIR``), or ``off``."""
+    (default: JAX's own ``JAX_COMPILATION_CACHE_DIR`` if set, else ``jax/`` in optlab's download
+    cache, ``$OPTLAB_CACHE_DIR``), or ``off``; it wins over a ``JAX_COMPILATION_CACHE_DIR`` inherited
+    from the parent process (a test process that set its own up)."""
     where = os.environ.get(CACHE_ENV) or ""
-    if where == "off" or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    if where == "off":
+        os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+        return
+    if not where and "JAX_COMPILATION_CACHE_DIR" in os.environ:
         return
     if not where:  # beside optlab.data.datasets.cache_dir()'s downloads
         import pooch
