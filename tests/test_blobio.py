@@ -58,3 +58,20 @@ def test_after_install_a_real_blob_reads_whole_with_a_waking_event(tmp_path):
     with pygit2.BlobIO(repo[repo.create_blob(content)]) as f:
         assert isinstance(f.raw._ready, blobio.WakingEvent)
         assert f.read() == content
+
+
+def test_a_writer_thread_that_ended_without_closing_is_taken_as_closed():
+    # The second hang seen in the suite: no writer thread left, _writer_closed never set.
+    reader = blob._BlobIO.__new__(blob._BlobIO)
+    reader._chunk, reader._queue, reader._writer_closed = None, queue.Queue(maxsize=1), threading.Event()
+    reader._thread = threading.Thread(target=lambda: None)
+    reader._thread.start()
+    reader._thread.join()
+    reader._ready = threading.Event()
+    assert _read_in_a_thread(reader, 1.0) == [], "pygit2's reader no longer waits for a writer that is gone"
+    reader._writer_closed.set()
+    reader._ready.set()  # let it go
+    reader._ready = blobio.WakingEvent()
+    reader._ready.writer, reader._ready.closed = reader._thread, threading.Event()
+    reader._writer_closed = reader._ready.closed
+    assert _read_in_a_thread(reader, 2.0) == [0] and reader._writer_closed.is_set()

@@ -10,7 +10,9 @@ per read, but ``optlab sweep`` and ``optlab study`` read every experiment every 
 study on digits hung there in 2 of 3 runs of the suite (stack: ``_BlobIO.readinto`` in
 ``Event.wait``, the writer thread gone). :func:`install` gives each new reader a ``_ready`` whose
 untimed ``wait()`` wakes every :data:`WAKE_S` to look again, so a lost wake-up costs 20 ms
-instead of the process. pygit2's logic is left as it is.
+instead of the process. A second hang came with it here: the writer thread gone and the writer
+never marked closed (the reader spinning on an empty queue for ever); the event then marks it
+closed once the thread has ended. pygit2's logic is left as it is.
 
 Private pygit2 attribute (``_BlobIO`` and its ``_ready``), checked against pygit2 1.20.1 and
 1.21.0, whose reader is the same: tests/test_experiments.py fails if the race is gone (then
@@ -21,17 +23,34 @@ workers, ``dvc exp show``) run in DVC's own processes, without it.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
+
+log = logging.getLogger(__name__)
 
 WAKE_S = 0.02
 
 
 class WakingEvent(threading.Event):
     """An Event whose ``wait()`` without a timeout returns every :data:`WAKE_S` (its callers in
-    pygit2 look at the queue and the writer's state again whatever ``wait`` returns)."""
+    pygit2 look at the queue and the writer's state again whatever ``wait`` returns). Given the
+    reader's writer thread and its closed flag, it also marks the writer closed once that thread
+    has ended without saying so: the reader then reads what came, to its end, instead of waiting."""
+
+    writer: threading.Thread | None = None
+    closed: threading.Event | None = None
 
     def wait(self, timeout: float | None = None) -> bool:
-        return super().wait(WAKE_S if timeout is None else timeout)
+        if timeout is not None:
+            return super().wait(timeout)
+        woke = super().wait(WAKE_S)
+        if not woke and self.writer is not None and self.closed is not None and not self.writer.is_alive():
+            if not self.closed.is_set():
+                log.warning("pygit2's blob writer thread ended without closing its stream; reading what it wrote")
+                self.closed.set()
+            self.set()
+            woke = True
+        return woke
 
 
 def install() -> None:
@@ -47,6 +66,7 @@ def install() -> None:
         init(self, *args, **kwargs)
         # The writer thread holds this very object and only ever calls set(): it keeps its state.
         self._ready.__class__ = WakingEvent
+        self._ready.writer, self._ready.closed = self._thread, self._writer_closed
 
     __init__.optlab_waking = True
     blob._BlobIO.__init__ = __init__
