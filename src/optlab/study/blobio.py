@@ -6,16 +6,16 @@ which streams each blob through ``pygit2.blob._BlobIO``: a writer thread fills a
 an Event, ``_ready``; the reader waits on it. The reader clears ``_ready`` after finding the
 queue empty and the writer not yet closed, so when the writer closes in between, its last
 ``set()`` is cleared and the reader waits for ever (``readinto`` and ``close`` alike). It is rare
-per read, but ``optlab sweep`` and ``optlab study`` read every experiment every two seconds: a
-study on digits hung there in 2 of 3 runs of the suite (stack: ``_BlobIO.readinto`` in
-``Event.wait``, the writer thread gone). :func:`install` gives each new reader a ``_ready`` whose
-untimed ``wait()`` wakes every :data:`WAKE_S` to look again, so a lost wake-up costs 20 ms
-instead of the process. A second hang came with it here: the writer thread gone and the writer
-never marked closed (the reader spinning on an empty queue for ever); the event then marks it
-closed once the thread has ended. pygit2's logic is left as it is.
+per read, but ``optlab sweep`` and ``optlab study`` read every experiment every two seconds: the
+suite's study on digits hung there, in CI and in two of three runs here (stack:
+``_BlobIO.readinto`` in ``Event.wait``, no writer thread left). A second way to the same hang: the
+writer thread ends without marking itself closed, and the reader waits on an empty queue for ever.
+:func:`install` gives each new reader a ``_ready`` whose untimed ``wait()`` wakes every
+:data:`WAKE_S` to look again (a lost wake-up costs 20 ms instead of the process), and that marks
+the writer closed once its thread has ended. pygit2's logic is left as it is.
 
 Private pygit2 attribute (``_BlobIO`` and its ``_ready``), checked against pygit2 1.20.1 and
-1.21.0, whose reader is the same: tests/test_experiments.py fails if the race is gone (then
+1.21.0, whose reader is the same: tests/test_blobio.py fails if the race is gone (then
 remove this module) or if the attributes change. The ``dvc`` commands themselves (queue
 workers, ``dvc exp show``) run in DVC's own processes, without it.
 """

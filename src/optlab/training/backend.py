@@ -181,9 +181,9 @@ def _compilation_cache() -> None:
     if where == "off":
         os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         return
-    if not where and "JAX_COMPILATION_CACHE_DIR" in os.environ:
-        return
-    if not where:  # beside optlab.data.datasets.cache_dir()'s downloads
+    if not where:  # JAX's own setting, else beside optlab.data.datasets.cache_dir()'s downloads
+        if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+            return
         import pooch
 
         where = os.path.join(os.environ.get("OPTLAB_CACHE_DIR") or str(pooch.os_cache("optlab")), "jax")
