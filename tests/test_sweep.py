@@ -425,3 +425,15 @@ def test_the_account_names_what_became_of_every_point():
     assert account.summary() == ("5 experiments in 61 s: 2 done, 1 already run, 1 failed, 1 never run (1 tried again)")
     with pytest.raises(OptlabError, match="--retries at least 0"):
         sweep.sweep(REPO, ["seed=1"], "local", retries=-1, progress=False)
+
+
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(monkeypatch, capsys):
+    from optlab.study import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "sweep", interrupted)  # Ctrl-C while the sweep supervises its queue
+    assert cli.main(["sweep", "-S", "seed=1,2", "--repo", str(REPO)]) == cli.EXIT_INTERRUPTED == 130
+    said = capsys.readouterr().err
+    assert "optlab sweep: interrupted" in said and "Run the same command again" in said and "Traceback" not in said

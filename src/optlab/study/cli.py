@@ -18,6 +18,7 @@ from optlab.study import blobio, compare, gate
 
 EXIT_GATE_FAILED = 1
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,6 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OptlabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:  # Ctrl-C: what is kept, and how to go on, not a traceback
+        print(
+            f"\noptlab {args.command}: interrupted. Experiments that finished are kept; DVC's queue workers finish "
+            "the ones they were running and stop. Run the same command again: it runs only what is missing.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 def _sweep(args) -> int:
