@@ -190,3 +190,45 @@ def _missing(output: str) -> int:
     import re
 
     return sum(int(n) for n in re.findall(r": (\d+) of \d+ trials", output))
+
+
+def test_reading_experiments_waits_out_a_queue_task_ending_and_reports_the_rest(monkeypatch):
+    import dvc.repo
+    from dvc.exceptions import DvcException
+
+    from optlab.study import experiments
+
+    gone = FileNotFoundError(2, "No such file or directory", ".dvc/tmp/exps/run/abc/abc.run")
+    raised: list[Exception] = []
+
+    class Repo:  # what experiments.exp_show opens: DVC's Repo, whose show() fails as told
+        def __init__(self, root):
+            self.experiments = self
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def show(self, **kwargs):
+            if raised:
+                raise raised.pop(0)
+            return []
+
+    monkeypatch.setattr(dvc.repo, "Repo", Repo)
+    monkeypatch.setattr(experiments.time, "sleep", lambda s: None)
+    # A worker removed a finishing task's .run file before Celery marked the task done: read again.
+    raised[:] = [gone, gone, gone]
+    assert experiments.exp_show(REPO) == [] and not raised
+    # Still missing after SHOW_PATIENCE_S: said, naming the repository.
+    monkeypatch.setattr(experiments, "SHOW_PATIENCE_S", 0.0)
+    raised[:] = [gone]
+    with pytest.raises(OptlabError, match="cannot read experiments in .*abc.run"):
+        experiments.exp_show(REPO)
+    # Not a queue race: reported at once.
+    monkeypatch.setattr(experiments, "SHOW_PATIENCE_S", 30.0)
+    raised[:] = [DvcException("bad revision"), gone]
+    with pytest.raises(OptlabError, match="bad revision"):
+        experiments.exp_show(REPO)
+    assert raised == [gone]

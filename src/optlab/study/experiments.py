@@ -151,7 +151,9 @@ def group_runs(runs: Iterable[Run]) -> list[Group]:
 
 
 # --- reading runs from DVC and git -----------------------------------------------------------
-SHOW_ATTEMPTS = 5  # dvc exp show tries, while a queue worker starts or ends an experiment
+# How long dvc exp show is tried again while a queue worker starts or ends an experiment (a worker
+# removes a task's files before Celery marks it done: seconds on a loaded machine).
+SHOW_PATIENCE_S = 30.0
 
 
 def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
@@ -160,7 +162,8 @@ def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
     from dvc.repo import Repo
 
     blobio.install()
-    for attempt in range(SHOW_ATTEMPTS):
+    deadline = time.monotonic() + SHOW_PATIENCE_S
+    while True:
         try:
             with Repo(str(repo)) as dvc_repo:
                 states = dvc_repo.experiments.show(
@@ -170,12 +173,12 @@ def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
         except (DvcException, FileNotFoundError) as exc:
             # DVC 3.66 reads each active queued experiment's files under .dvc/tmp/exps (its .run info,
             # its temporary copy of the repository), which a worker creates and removes as it starts
-            # and ends one: while a sweep runs, a read can miss them. Tried again, then reported.
+            # and ends one: while a sweep runs (or its workers finish after a Ctrl-C), a read can miss
+            # them. Tried again for SHOW_PATIENCE_S, then reported.
             transient = isinstance(exc, FileNotFoundError) or f"{Path('.dvc', 'tmp', 'exps')}" in str(exc)
-            if not transient or attempt == SHOW_ATTEMPTS - 1:
+            if not transient or time.monotonic() > deadline:
                 raise OptlabError(f"cannot read experiments in {repo}: {exc}") from exc
             time.sleep(1.0)
-    raise AssertionError("unreachable")
 
 
 def iter_states(records: Iterable[dict[str, Any]], finished: bool = False) -> Iterable[dict[str, Any]]:
