@@ -293,16 +293,7 @@ def dvc_bin() -> str:
 SLOW_FIXTURES = {"baseline_project", "project", "docs_project", "fashion_mnist_prepared"}
 
 
-# The one test that takes several times any other (a whole study through DVC's queue): started
-# first, so the other worker's tests run beside it instead of after it.
-LONGEST = ("tests/test_study.py::test_a_study_on_digits",)
-
-
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    # Longest first (pytest-xdist hands tests out in this order, after the groups): the slow tests
-    # before the unit tests, which then fill both workers' last minutes instead of one slow test
-    # running alone at the end.
-    items.sort(key=lambda item: (not item.nodeid.startswith(LONGEST), item.get_closest_marker("slow") is None))
