@@ -220,11 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:  # Ctrl-C: what is kept, and how to go on, not a traceback
-        print(
-            f"\noptlab {args.command}: interrupted. Experiments that finished are kept; DVC's queue workers finish "
-            "the ones they were running and stop. Run the same command again: it runs only what is missing.",
-            file=sys.stderr,
+        kept = (
+            " Experiments that finished are kept (DVC's queue workers finish the ones they run, then stop). Run the "
+            "same command again: it runs only what is missing."
+            if args.command in ("sweep", "study")
+            else ""
         )
+        print(f"\noptlab {args.command}: interrupted.{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
