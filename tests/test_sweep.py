@@ -163,7 +163,14 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
 def test_the_same_sweep_again_trains_nothing(project, cluster, env):
     started = time.perf_counter()
     account = sweep.sweep(project, GRID, "ray", cluster, progress=False)
-    assert [account.status[n] for n, _ in account.points] == ["already pushed"] * 2
+    statuses = [account.status[n] for n, _ in account.points]
+    # What the remote held, by git and by DVC, so that a failure here says why.
+    seen = (
+        f"HEAD {sh(project, 'git', 'rev-parse', 'HEAD').strip()}; points {account.points}; remote refs "
+        f"{sh(project, 'git', 'ls-remote', 'origin', 'refs/exps/*', env=env)!r}; "
+        f"dvc exp list: {_dvc_cmd(project, 'exp', 'list', '--all-commits', '--name-only', 'origin', env=env)!r}"
+    )
+    assert statuses == ["already pushed"] * 2, seen
     assert not account.failed
     print(f"\n[record] the same 4-experiment sweep again: {time.perf_counter() - started:.1f} s")
 
@@ -361,9 +368,11 @@ def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env):
     queue.start_workers(napping, 1, env)
 
     def both_done():
-        """both experiments in the repository"""
+        """both experiments in the repository, and DVC's queue done with them"""
         snap = queue.snapshot(napping)
-        return snap if {"short", "long"} <= snap.experiments else None
+        # DVC writes an experiment's ref before its queue marks the task finished: wait for both.
+        done = {"short", "long"} <= snap.experiments and all(e.state != queue.RUNNING for e in snap.of("long"))
+        return snap if done else None
 
     snap = _wait_for(both_done)
     assert [e.state for e in snap.of("long")] == [queue.FINISHED]
