@@ -201,9 +201,14 @@ def test_reading_experiments_waits_out_a_queue_task_ending_and_reports_the_rest(
     gone = FileNotFoundError(2, "No such file or directory", ".dvc/tmp/exps/run/abc/abc.run")
     raised: list[Exception] = []
 
+    class Queue:  # its celery queue: no task running
+        def iter_active(self):
+            return iter(())
+
     class Repo:  # what experiments.exp_show opens: DVC's Repo, whose show() fails as told
         def __init__(self, root):
             self.experiments = self
+            self.celery_queue = Queue()
 
         def __enter__(self):
             return self

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import REPO, write_experiment
 from optlab.core.errors import OptlabError
-from optlab.study import queue, sweep
+from optlab.study import experiments, queue, sweep
 
 slow = pytest.mark.slow
 # The tests that share the module's project (and its Ray cluster) run on one xdist worker.
@@ -354,6 +354,15 @@ def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env):
     orphan = snap.executors[entry.rev]
     assert [e.state for e in snap.of("long")] == [queue.RUNNING]  # what DVC still says, for ever
     assert orphan.alive and snap.verdict(snap.of("long")[0]) == queue.ORPHANED
+    # Its files gone too (its executor ended, as after a Ctrl-C): DVC still counts the task active and
+    # cannot read it; optlab reads every other experiment, at once.
+    info = run_dir / f"{entry.rev}.run"
+    info.rename(run_dir / "kept")
+    started = time.monotonic()
+    shown = experiments.exp_show(napping)
+    assert time.monotonic() - started < experiments.SHOW_PATIENCE_S and len(shown) == 1, shown
+    assert not any(state.get("name") == "long" for state in experiments.iter_states(shown))
+    (run_dir / "kept").rename(info)
     _dvc_cmd(napping, "queue", "stop", env=env)  # a shutdown for every worker, waiting in the dead one's queue
     assert queue.clean_broker(napping, snap.workers) >= 1
     inbox = napping / ".dvc/tmp/exps/celery/broker/in"
