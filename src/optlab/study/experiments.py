@@ -183,19 +183,11 @@ def exp_show(repo: Path, all_commits: bool = False) -> list[dict[str, Any]]:
 
 
 def _skip_unreadable_active(celery_queue) -> None:
-    """Leave out of ``show`` the queue tasks DVC counts as running whose files are gone.
-
-    A task is active for DVC while Celery holds no result for it; its executor removes the task's
-    ``.dvc/tmp/exps/run/<rev>/<rev>.run`` when it ends. A worker killed in between (a Ctrl-C that
-    reaches it before it stores the result) leaves a task that is active for ever and unreadable,
-    and DVC's show fails on it every time, not only for a moment. Such a task holds no finished
-    experiment; the sweep supervisor queues it again (:mod:`optlab.study.queue`).
-
-    DVC internals, checked against dvc 3.67.1: ``collect_active_data`` iterates
-    ``self.iter_active()`` and loads each entry's ``get_infofile_path(stash_rev)``; the instance
-    attribute set here wins over the method
-    (tests/test_sweep.py::test_the_dvc_queue_internals_the_sweep_relies_on).
-    """
+    """Leave out of ``show`` the queue tasks DVC counts as running whose ``.run`` file is gone: a
+    worker killed (a Ctrl-C) after its executor ended but before Celery stored the result leaves
+    one, active for ever, on which DVC's show fails every time. It holds no finished experiment.
+    DVC internals, checked against dvc 3.67.1: ``collect_active_data`` loads the info file of each
+    entry of ``self.iter_active()`` (tests/test_sweep.py::test_the_dvc_queue_internals_the_sweep_relies_on)."""
     active = celery_queue.iter_active
     celery_queue.iter_active = lambda: (
         e for e in active() if Path(celery_queue.get_infofile_path(e.stash_rev)).is_file()
