@@ -71,10 +71,23 @@ def experiment_name(commit: str, overrides: Sequence[str]) -> str:
 
 
 # --- git and DVC around the repository ---------------------------------------------------------
-def pushed_experiments(repo: Path, git_remote: str) -> set[str]:
-    """The names of the experiments the git remote holds (``dvc exp list <remote>``)."""
-    done = shell.run(shell.dvc("exp", "list", "--all-commits", "--name-only", git_remote), repo)
-    return {line.strip() for line in done.stdout.splitlines() if line.strip()}
+def ls_remote_experiments(git_remote: str, commit: str) -> list[str]:
+    """The git command that lists the experiments of ``commit`` in ``git_remote``: DVC keeps each as
+    the ref ``refs/exps/<commit[:2]>/<commit[2:]>/<name>`` (its ``ExpRefInfo``)."""
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    return ["git", "ls-remote", git_remote, f"{ExpRefInfo(commit)}/*"]
+
+
+def names_of(ls_remote: str) -> set[str]:
+    """The experiment names in the output of :func:`ls_remote_experiments`."""
+    return {line.rsplit("/", 1)[-1] for line in ls_remote.splitlines() if line.strip()}
+
+
+def pushed_experiments(repo: Path, git_remote: str, commit: str) -> set[str]:
+    """The names of the experiments of ``commit`` that the git remote holds (read with git itself:
+    no DVC process to start, and only this commit's refs)."""
+    return names_of(shell.run(ls_remote_experiments(git_remote, commit), repo).stdout)
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,8 @@ def run_point(checkout: Checkout, overrides: Sequence[str], name: str, threads: 
         (work / "repo").mkdir()
         step("git", "clone", "-q", checkout.url, ".")
         step("git", "checkout", "-q", checkout.commit)
-        listed = step(*shell.dvc("exp", "list", "--all-commits", "--name-only", "origin"))
-        if name in listed.stdout.split():
+        listed = step(*ls_remote_experiments("origin", checkout.commit))
+        if name in names_of(listed.stdout):
             return {"name": name, "status": "already pushed", "log": "\n".join(lines)}
         pulled = step(*shell.dvc("pull", "-q", *PREPARED_STAGES), check=False)
         if pulled.returncode != 0:  # the remote lacks them: compute them here
@@ -286,7 +299,7 @@ def _sweep_ray(repo, account, address, cpus, gpus, git_remote, retries, log_dir,
     except ImportError:
         raise OptlabError("the ray executor needs Ray: pip install 'optlab[ray]' (make install includes it)") from None
     checkout = check_repository(repo, git_remote)
-    pushed = pushed_experiments(repo, git_remote)
+    pushed = pushed_experiments(repo, git_remote, checkout.commit)
     todo = [(n, o) for n, o in account.points if n not in pushed]
     for name, _ in account.points:
         if name in pushed:
