@@ -412,6 +412,7 @@ def _assert_stage_refused(proc, key: str, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "params.yaml"], "nothing else was written"
 
 
+@pytest.mark.slow  # a stage process per drawn case: `make test`, not test-fast
 def test_every_stage_refuses_bad_params_in_one_line_before_writing(tmp_path):
     ran: Counter = Counter()
     (tmp_path / "conf").symlink_to(REPO / "conf", target_is_directory=True)

@@ -20,6 +20,7 @@ def _states(repo: Path) -> dict[str, dict]:
     return {s["name"]: s for s in experiments.iter_states(experiments.exp_show(repo))}
 
 
+@pytest.mark.slow  # DVC and two trainings: `make test`, not test-fast
 def test_experiment_round_trip_between_machines(tmp_path):
     remote = tmp_path / "remote.git"
     storage = tmp_path / "dvc-storage"

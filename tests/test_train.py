@@ -207,6 +207,7 @@ def test_compiled_cnn_takes_one_call_per_batch_and_matches_keras_steps():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 def test_a_cnn_trains_on_the_engine_the_auto_rule_picks_and_says_so(tmp_path):
     data = prepared_digits(tmp_path / "prepared", flatten=False)
     cnn = {"dataset": "digits", "model.name": "cnn", "model.conv_filters": [8], "model.hidden": [32],
@@ -251,10 +252,15 @@ def train_args(data: Path, tag: str = "") -> list[str]:
 
 
 # The two ways optlab trains: its default (JAX, compiled loop) and Keras's own fit on TensorFlow.
+# TensorFlow's import alone is about 8 s per stage process: those runs are left to `make test`.
 BACKENDS = pytest.mark.parametrize(
     "engine",
-    [{"train.backend": "jax", "train.loop": "compiled"}, {"train.backend": "tensorflow", "train.loop": "keras"}],
-    ids=["jax-compiled", "tensorflow-keras"],
+    [
+        pytest.param({"train.backend": "jax", "train.loop": "compiled"}, id="jax-compiled"),
+        pytest.param(
+            {"train.backend": "tensorflow", "train.loop": "keras"}, id="tensorflow-keras", marks=pytest.mark.slow
+        ),
+    ],
 )
 
 
@@ -263,6 +269,7 @@ def _train_stage(tmp_path: Path, params: dict, data: Path, tag: str = "") -> sub
     return run_stage("train", *train_args(data, tag), cwd=tmp_path)
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 @BACKENDS
 def test_same_seed_gives_bit_identical_metrics_and_model(tmp_path, engine):
     data = prepared_digits(tmp_path / "prepared")
@@ -285,6 +292,7 @@ def test_same_seed_gives_bit_identical_metrics_and_model(tmp_path, engine):
     assert (tmp_path / "models1/model.keras").read_bytes() == (tmp_path / "models2/model.keras").read_bytes()
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 def test_different_seeds_differ(tmp_path):
     data = prepared_digits(tmp_path / "prepared")
     for seed in (0, 1):
@@ -295,6 +303,7 @@ def test_different_seeds_differ(tmp_path):
     ).read_text()
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 @BACKENDS
 def test_a_killed_run_leaves_no_outputs_and_resumes_to_the_same_result(tmp_path, engine):
     data = prepared_digits(tmp_path / "prepared")
@@ -400,6 +409,7 @@ def _diverging(engine: dict, **extra) -> dict:
     return repo_params(**knobs)
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 @BACKENDS
 def test_a_diverged_run_is_recorded_as_a_result(tmp_path, engine):
     data = prepared_digits(tmp_path / "prepared")
@@ -418,6 +428,7 @@ def test_a_diverged_run_is_recorded_as_a_result(tmp_path, engine):
     assert not (tmp_path / ".optlab/backup").exists()
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 @BACKENDS
 def test_a_diverged_run_fails_and_records_nothing_when_asked(tmp_path, engine):
     data = prepared_digits(tmp_path / "prepared")
@@ -493,6 +504,7 @@ def test_callbacks_act_in_the_compiled_loop(tmp_path, extra):
         assert summary["val_accuracy"] == pytest.approx(max(val), abs=1e-6)
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 def test_train_stage_holds_the_data_about_once():
     # A memory regression guard (benchmarks/train_memory.py gives the CIFAR-10-sized figure):
     # beyond the fixed cost of Python, JAX and XLA, the stage's peak grows by about one copy of
@@ -583,6 +595,7 @@ def test_dead_units_of_a_layer_whose_biases_are_very_negative(tmp_path):
     assert all(d.grad_norm >= 0 and d.weight_norm > 0 for d in dead.values())
 
 
+@pytest.mark.slow  # stage processes that train: `make test`, not test-fast
 def test_the_live_directory_grows_epoch_by_epoch_and_says_when_it_is_complete(tmp_path):
     data = prepared_digits(tmp_path / "prepared")
     # Epochs long enough (about a second each) to be seen one by one, short enough for the suite.
