@@ -142,6 +142,19 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
     assert sorted(pushed) == sorted(names)  # the killed one retried: none lost, none duplicated
     assert (logs / f"{killed}.log").read_text().count("pid ") >= 2, "the killed task was not tried again"
 
+    # The same sweep again (here, not in a test of its own that would depend on this one): every
+    # point is already in the remote, and nothing trains.
+    started = time.perf_counter()
+    again = sweep.sweep(project, GRID, "ray", cluster, progress=False)
+    # What the remote held, by git and by DVC, so that a failure here says why.
+    seen = (
+        f"HEAD {sh(project, 'git', 'rev-parse', 'HEAD').strip()}; points {again.points}; remote refs "
+        f"{sh(project, 'git', 'ls-remote', 'origin', 'refs/exps/*', env=env)!r}; "
+        f"dvc exp list: {_dvc_cmd(project, 'exp', 'list', '--all-commits', '--name-only', 'origin', env=env)!r}"
+    )
+    assert [again.status[n] for n, _ in again.points] == ["already pushed"] * 2 and not again.failed, seen
+    print(f"\n[record] the same sweep again: {time.perf_counter() - started:.1f} s")
+
     # A separate clone pulls every experiment, with its metrics, and optlab compare ranks them.
     other = tmp_path / "other"
     sh(tmp_path, "git", "clone", "-q", str(project / ".." / "remote.git"), str(other), env=env)
@@ -155,24 +168,6 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
     # Both variants, ranked: the baseline, and the other named by what it changes.
     assert "2 runs in 2 variants" in report and "| baseline |" in report
     assert ("optimizer=sgd" in report) != ("optimizer=adam" in report), report
-
-
-@slow
-@needs_ray
-@shared_project
-def test_the_same_sweep_again_trains_nothing(project, cluster, env):
-    started = time.perf_counter()
-    account = sweep.sweep(project, GRID, "ray", cluster, progress=False)
-    statuses = [account.status[n] for n, _ in account.points]
-    # What the remote held, by git and by DVC, so that a failure here says why.
-    seen = (
-        f"HEAD {sh(project, 'git', 'rev-parse', 'HEAD').strip()}; points {account.points}; remote refs "
-        f"{sh(project, 'git', 'ls-remote', 'origin', 'refs/exps/*', env=env)!r}; "
-        f"dvc exp list: {_dvc_cmd(project, 'exp', 'list', '--all-commits', '--name-only', 'origin', env=env)!r}"
-    )
-    assert statuses == ["already pushed"] * 2, seen
-    assert not account.failed
-    print(f"\n[record] the same 4-experiment sweep again: {time.perf_counter() - started:.1f} s")
 
 
 @slow
