@@ -146,14 +146,14 @@ def test_a_sweep_runs_on_the_cluster_survives_a_killed_worker_and_every_experime
     # point is already in the remote, and nothing trains.
     started = time.perf_counter()
     again = sweep.sweep(project, GRID, "ray", cluster, progress=False)
-    # What the remote held, by git and by DVC, so that a failure here says why.
-    seen = (
-        f"HEAD {sh(project, 'git', 'rev-parse', 'HEAD').strip()}; points {again.points}; remote refs "
-        f"{sh(project, 'git', 'ls-remote', 'origin', 'refs/exps/*', env=env)!r}; "
-        f"dvc exp list: {_dvc_cmd(project, 'exp', 'list', '--all-commits', '--name-only', 'origin', env=env)!r}"
-    )
-    assert [again.status[n] for n, _ in again.points] == ["already pushed"] * 2 and not again.failed, seen
     print(f"\n[record] the same sweep again: {time.perf_counter() - started:.1f} s")
+    if [again.status[n] for n, _ in again.points] != ["already pushed"] * 2 or again.failed:
+        # What the remote held, by git and by DVC, so that the failure says why.
+        pytest.fail(
+            f"the repeated sweep: {again.status}; HEAD {sh(project, 'git', 'rev-parse', 'HEAD').strip()}; "
+            f"points {again.points}; remote refs {sh(project, 'git', 'ls-remote', 'origin', 'refs/exps/*')!r}; "
+            f"dvc exp list: {_dvc_cmd(project, 'exp', 'list', '--all-commits', '--name-only', 'origin', env=env)!r}"
+        )
 
     # A separate clone pulls every experiment, with its metrics, and optlab compare ranks them.
     other = tmp_path / "other"
