@@ -17,6 +17,11 @@ import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# gto (DVC's artifact registry: `Repo.artifacts` imports it) configures logging when first imported,
+# and that closes every logging handler there is, absl's among them, whose stream is sys.stderr as
+# it was then: inside a test, pytest's capture of it, which that worker's next tests then find
+# closed ("I/O operation on closed file"). Imported here, before any handler, it closes nothing.
+import gto  # noqa: E402, F401
 
 from optlab.training import backend  # noqa: E402
 
