@@ -35,6 +35,11 @@ SMALL = {
     "train.batch_size": 32,
     "train.backend": "jax",
     "train.loop": "compiled",
+    # The end-of-epoch sharpness and noise scale, off: each train process would spend about 1 s
+    # tracing their program, in each of the suite's hundred DVC runs. tests/test_diagnostics.py
+    # measures them through the train and plot stages.
+    "train.sharpness_images": 0,
+    "train.noise_scale_images": 0,
 }
 DIGITS_IMAGES = 1797  # scikit-learn's digits: every image lands in exactly one split
 FIGURES = {
