@@ -1,14 +1,18 @@
 """pygit2's blob reader, through which DVC reads every file of a git revision, loses a wake-up when
 its writer closes between the reader's two looks (optlab.study.blobio): the race is forced here,
 pygit2's own Event hangs on it, optlab's waking one returns; and a real blob still reads whole.
-When a pygit2 release fixes the race, the first test fails: remove optlab.study.blobio then."""
+When a pygit2 release fixes the race, the first test fails: remove optlab.study.blobio then.
+The same reader swallows Ctrl-C; optlab's wrapper raises it again."""
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import threading
 
 import pygit2
+import pytest
 from pygit2 import blob
 
 from optlab.study import blobio
@@ -75,3 +79,37 @@ def test_a_writer_thread_that_ended_without_closing_is_taken_as_closed():
     reader._ready.writer, reader._ready.closed = reader._thread, threading.Event()
     reader._writer_closed = reader._ready.closed
     assert _read_in_a_thread(reader, 2.0) == [0] and reader._writer_closed.is_set()
+
+
+def _reader_waiting_for_a_writer_that_writes_nothing() -> tuple[blob._BlobIO, threading.Event]:
+    """A ``_BlobIO`` whose writer is alive and silent: its reader waits until told otherwise."""
+    reader = blob._BlobIO.__new__(blob._BlobIO)
+    release = threading.Event()
+    reader._chunk, reader._queue, reader._writer_closed = None, queue.Queue(maxsize=1), threading.Event()
+    reader._thread = threading.Thread(target=release.wait, daemon=True)
+    reader._thread.start()
+    reader._ready = blobio.WakingEvent()
+    reader._ready.writer, reader._ready.closed = reader._thread, reader._writer_closed
+    return reader, release
+
+
+def _ctrl_c_in(seconds: float) -> threading.Timer:
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def test_a_ctrl_c_while_a_blob_is_read_is_not_swallowed():
+    blobio.install()
+    # pygit2's own readinto catches the KeyboardInterrupt and says "end of file".
+    reader, release = _reader_waiting_for_a_writer_that_writes_nothing()
+    _ctrl_c_in(0.2)
+    assert blob._BlobIO.readinto.__wrapped__(reader, bytearray(8)) == 0, "pygit2 no longer swallows Ctrl-C"
+    release.set()
+    # Through optlab's wrapper, the Ctrl-C comes out as a KeyboardInterrupt, and Python's handler is back.
+    reader, release = _reader_waiting_for_a_writer_that_writes_nothing()
+    _ctrl_c_in(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        reader.readinto(bytearray(8))
+    release.set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

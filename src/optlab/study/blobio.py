@@ -14,6 +14,12 @@ writer thread ends without marking itself closed, and the reader waits on an emp
 :data:`WAKE_S` to look again (a lost wake-up costs 20 ms instead of the process), and that marks
 the writer closed once its thread has ended. pygit2's logic is left as it is.
 
+The same reader also swallows Ctrl-C: ``readinto`` and ``close`` catch KeyboardInterrupt and
+return (``readinto`` 0, end of file). The supervisor of a sweep spends much of its time in them,
+so a Ctrl-C of ``optlab sweep`` or ``optlab study run`` was often lost (the suite's study test
+saw its SIGINT ignored and the study run to its end). :func:`install` wraps both so that a
+SIGINT that arrives during them is raised again as KeyboardInterrupt once pygit2 returns.
+
 Private pygit2 attribute (``_BlobIO`` and its ``_ready``), checked against pygit2 1.20.1 and
 1.21.0, whose reader is the same: tests/test_blobio.py fails if the race is gone (then
 remove this module) or if the attributes change. The ``dvc`` commands themselves (queue
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import threading
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,8 @@ class WakingEvent(threading.Event):
 
 
 def install() -> None:
-    """Make every ``_BlobIO`` created from now on wait with a :class:`WakingEvent` (idempotent)."""
+    """Make every ``_BlobIO`` created from now on wait with a :class:`WakingEvent`, and every
+    ``_BlobIO`` pass a Ctrl-C on (idempotent)."""
     from pygit2 import blob
 
     init = blob._BlobIO.__init__
@@ -70,3 +78,34 @@ def install() -> None:
 
     __init__.optlab_waking = True
     blob._BlobIO.__init__ = __init__
+    blob._BlobIO.readinto = keeping_ctrl_c(blob._BlobIO.readinto)
+    blob._BlobIO.close = keeping_ctrl_c(blob._BlobIO.close)
+
+
+def keeping_ctrl_c(method):
+    """``method`` with a SIGINT that arrives while it runs raised after it returns, whatever it
+    catches (in the main thread, where Python handles signals, while Python's own handler is set)."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return method(*args, **kwargs)
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:  # ignored, or someone else's handler: theirs
+            return method(*args, **kwargs)
+        hit = []
+
+        def note(signum, frame):
+            hit.append(signum)
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, note)
+        try:
+            result = method(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if hit:
+            raise KeyboardInterrupt
+        return result
+
+    return wrapper
