@@ -246,7 +246,7 @@ def _queue_leftovers(repo: Path, names: list[str]) -> list[str]:
     return left
 
 
-LOCAL_GRID = ["optimizer=adam", "seed=range(20,23)"]
+LOCAL_GRID = ["optimizer=adam", "seed=range(20,22)"]  # two points, both trained at once: one worker killed
 
 
 @slow
@@ -265,12 +265,12 @@ def test_a_local_sweep_whose_queue_worker_is_killed_still_runs_every_point_once(
         time.sleep(0.5)
     out = proc.communicate(timeout=900)[0]
     seconds = time.perf_counter() - started
-    print(f"\n[record] 3 digits experiments on DVC's queue -j 2, a worker SIGKILLed while it trained: {seconds:.0f} s")
+    print(f"\n[record] 2 digits experiments on DVC's queue -j 2, a worker SIGKILLed while it trained: {seconds:.0f} s")
     assert killed in names, f"no worker was caught while it trained:\n{out}"
     assert proc.returncode == 0, out
     assert f"optlab sweep: {killed}: Running, but no live queue worker holds it" in out, out
     assert re.search(rf"\| {killed} \| .* \| done \((2|3) tries\) \|", out), out
-    assert out.count(" | done") == 3 and "3 done, 0 failed" in out, out
+    assert out.count(" | done") == 2 and "2 done, 0 failed" in out, out
     listed = _dvc_cmd(project, "exp", "list", "--all-commits", "--name-only", env=env).split()
     assert sorted(n for n in listed if n in names) == sorted(names)  # each point once: none lost, none twice
     shown = json.loads(_dvc_cmd(project, "exp", "show", "--json", env=env))
@@ -280,8 +280,8 @@ def test_a_local_sweep_whose_queue_worker_is_killed_still_runs_every_point_once(
 
     started = time.perf_counter()
     again = sweep.sweep(project, LOCAL_GRID, "local", jobs=2, progress=False)
-    assert [again.status[n] for n, _ in again.points] == ["already run"] * 3 and not again.failed
-    assert "3 already run, 0 failed" in again.summary()
+    assert [again.status[n] for n, _ in again.points] == ["already run"] * 2 and not again.failed
+    assert "2 already run, 0 failed" in again.summary()
     print(f"\n[record] the same sweep again: {time.perf_counter() - started:.1f} s")
 
 
