@@ -152,7 +152,7 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
         # Phase 1 queues 4 experiments (Adam's group, SGD's 3 trials) for 2 workers. Ctrl-C once a
         # worker trains one: the workers finish what they run, then stop; the rest stay untrained.
         proc = subprocess.Popen(cmd, cwd=root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)  # fmt: skip
+                                text=True, start_new_session=True, preexec_fn=_ctrl_c_as_in_a_terminal)  # fmt: skip
         study = tuning.load(project.root, "small")
 
         def trained() -> int:  # the trials an experiment of HEAD already holds
@@ -197,6 +197,14 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
         assert _missing(raised) == 4, raised
         outcome = tuning_run.gather(tuning.load(project.root, "small"), project.root)[0]
         assert all(len(ts) == 5 and all(t.selected_by is not None for t in ts) for ts in outcome.trials.values())
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child, before it runs: SIGINT handled and not blocked, as a command typed in a terminal
+    has it. A test worker may hand its children an ignored or blocked SIGINT (the suite's study
+    once ran to its end through the Ctrl-C), which Python then leaves as it is."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _missing(output: str) -> int:
