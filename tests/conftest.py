@@ -298,16 +298,7 @@ def dvc_bin() -> str:
 SLOW_FIXTURES = {"baseline_project", "project", "docs_project", "fashion_mnist_prepared"}
 
 
-# The suite's longest tests (minutes, each on both cores), handed out first: started last, one of
-# them would leave the other worker idle at the end (pytest-xdist hands tests out in this order).
-LONGEST_FIRST = (
-    "tests/test_study.py::test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_the_new_trials",
-    "tests/test_docs.py::test_every_shell_block_of_the_docs_runs[studies.md]",
-)
-
-
 def pytest_collection_modifyitems(items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)  # stable: the rest keep their order
