@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,12 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 # it was then: inside a test, pytest's capture of it, which that worker's next tests then find
 # closed ("I/O operation on closed file"). Imported here, before any handler, it closes nothing.
 import gto  # noqa: E402, F401
+
+# Ctrl-C as a terminal has it. A suite started in the background (`make test &` in a script, as
+# some CI runners do) inherits an ignored SIGINT, Python keeps it ignored, and so does every
+# process a test starts: the tests that Ctrl-C `optlab study run` or a pygit2 read then saw the
+# command run on to its end (only when started that way).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from optlab.training import backend  # noqa: E402
 
