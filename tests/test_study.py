@@ -137,6 +137,7 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
     with project.scratch():
         root = project.root
         _write(root, "small", DIGITS_STUDY)  # read by optlab only, no stage's input: it needs no commit
+        before = project.exp_names()
         cmd = [
             sys.executable,
             "-m",
@@ -149,9 +150,9 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
             "--repo",
             str(project.root),
         ]
-        # Phase 1 queues 4 experiments (Adam's group, SGD's 3 trials) for 2 workers. Ctrl-C once
-        # both workers train one (so both listen for control messages): they finish those two, then
-        # stop; the other two stay untrained.
+        # Phase 1 queues 4 experiments (Adam's group, SGD's 3 trials) for 2 workers. Ctrl-C as soon
+        # as the first trains, the other worker perhaps still starting: each finishes what it took,
+        # then stops; at least two stay untrained.
         proc = subprocess.Popen(cmd, cwd=root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)  # fmt: skip
         study = tuning.load(project.root, "small")
@@ -161,7 +162,7 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
             return sum(t.selected_by is not None for ts in trials for t in ts)
 
         deadline = time.time() + 600
-        while time.time() < deadline and proc.poll() is None and len(queue.snapshot(root).busy) < 2:
+        while time.time() < deadline and proc.poll() is None and not queue.snapshot(root).busy:
             time.sleep(1)
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         os.killpg(proc.pid, signal.SIGINT)
@@ -170,8 +171,8 @@ def test_a_study_on_digits_resumes_after_a_kill_and_a_raised_budget_runs_only_th
         deadline = time.time() + 600  # the workers finish the experiments they took
         while time.time() < deadline and queue.snapshot(root).workers:
             time.sleep(2)
-        trained = trained()
-        assert trained in (2, 4), (trained, said[-3000:])  # Adam's group (3 trials) and an SGD trial, or 2 SGD trials
+        ran, trained = project.exp_names() - before, trained()
+        assert 1 <= len(ran) <= 2 and 0 < trained < 6, (ran, trained, said[-3000:])
         again = project.sh(*cmd, timeout=1800).stdout
         assert _missing(again) == 6 - trained, again  # only the trials the kill left untrained
         outcome = tuning_run.gather(study, project.root)[0]

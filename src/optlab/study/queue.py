@@ -52,6 +52,7 @@ QUEUED, RUNNING, FINISHED = "queued", "running", "finished"
 HELD, ORPHANED, UNSURE = "held", "orphaned", "unsure"
 PIDBOX_SUFFIX = ".celery.pidbox.msg"
 INSPECT_S = 5.0  # how long Celery's workers get to say which tasks they run
+STOP_WAIT_S = 15.0  # how long a stop waits for a worker that is still starting to listen
 NO_LOG = "(no log: neither `dvc queue logs` nor DVC's Celery worker logs mention this run)"
 
 
@@ -314,14 +315,23 @@ def start_workers(repo: Path, jobs: int, env: dict) -> None:
             raise OptlabError(f"`dvc queue start -j {jobs}` failed in {repo}: {out.read()[-shell.LOG_TAIL :]}")
 
 
-def stop_workers(repo: Path) -> None:
+def stop_workers(repo: Path, wait_s: float = STOP_WAIT_S) -> None:
     """What ``dvc queue stop`` does, addressed to the live workers only: each finishes the
     experiment it runs, then exits. (``dvc queue stop`` addresses every worker, and the copy that
-    waits in a dead worker's queue stops the next worker of that name at once.)"""
+    waits in a dead worker's queue stops the next worker of that name at once.) A worker that has
+    only just started may not listen for control messages yet: it would miss the stop and run the
+    whole queue. So the stop goes out once each live worker has answered a ping (``wait_s`` at
+    most; a second Ctrl-C sends it at once)."""
     with _celery_queue(repo) as q:
         live = list(_live_workers(node_prefix(q.wdir)).values())
-        if live:
-            q.celery.control.shutdown(destination=live)
+        if not live:
+            return
+        waiting, deadline = set(live), time.monotonic() + wait_s
+        with contextlib.suppress(KeyboardInterrupt):
+            while waiting and time.monotonic() < deadline:
+                replies = q.celery.control.ping(destination=sorted(waiting), timeout=1.0, limit=len(waiting))
+                waiting -= {node for reply in replies or () for node in reply}
+        q.celery.control.shutdown(destination=live)
 
 
 def bar(total: int, shown: bool, initial: int = 0):
