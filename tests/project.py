@@ -40,6 +40,9 @@ SMALL = {
     # measures them through the train and plot stages.
     "train.sharpness_images": 0,
     "train.noise_scale_images": 0,
+    # 4 of the most confidently wrong test images, not 16: the plot stage's slowest figure after
+    # the gradients (tests/test_plotting.py draws 16 in process).
+    "plot.confused_images": 4,
 }
 DIGITS_IMAGES = 1797  # scikit-learn's digits: every image lands in exactly one split
 FIGURES = {
