@@ -397,6 +397,39 @@ def test_a_running_task_is_orphaned_once_its_worker_is_gone():
     assert queue.verdict(None, {worker: "n-1", other: "n-2"}, busy={worker}) == queue.UNSURE
 
 
+class _Control:
+    """Celery's ``app.control`` as the stop sees it: workers that answer a ping from their
+    ``listening_from``-th round on (a worker still starting), and the shutdowns sent."""
+
+    def __init__(self, listening_from: dict[str, int], interrupt_at: int | None = None):
+        self.listening_from, self.interrupt_at = listening_from, interrupt_at
+        self.rounds, self.shutdowns = 0, []
+
+    def ping(self, destination, timeout, limit):
+        self.rounds += 1
+        if self.rounds == self.interrupt_at:
+            raise KeyboardInterrupt  # a second Ctrl-C while the stop waits
+        return [{n: {"ok": "pong"}} for n in destination if self.listening_from[n] <= self.rounds]
+
+    def shutdown(self, destination):
+        self.shutdowns.append((self.rounds, sorted(destination)))
+
+
+def test_the_stop_waits_until_every_worker_listens(monkeypatch):
+    def stop(control: _Control, wait_s: float = 15.0) -> _Control:
+        fake = type("Q", (), {"wdir": "w", "celery": type("App", (), {"control": control})()})()
+        monkeypatch.setattr(queue, "_celery_queue", lambda repo: contextlib.nullcontext(fake))
+        monkeypatch.setattr(queue, "_live_workers", lambda prefix: {1: "n-1", 2: "n-2"})
+        queue.stop_workers(REPO, wait_s=wait_s)
+        return control
+
+    # n-2 answers only from the third round: the stop goes out then, to both.
+    assert stop(_Control({"n-1": 1, "n-2": 3})).shutdowns == [(3, ["n-1", "n-2"])]
+    # A second Ctrl-C, or a worker that never answers: the stop goes out at once, to both.
+    assert stop(_Control({"n-1": 1, "n-2": 99}, interrupt_at=2)).shutdowns == [(2, ["n-1", "n-2"])]
+    assert stop(_Control({"n-1": 1, "n-2": 99}), wait_s=0).shutdowns == [(0, ["n-1", "n-2"])]
+
+
 CELERY_LOG = """[2026-12-01 20:50:14,772: INFO/MainProcess] dvc-exp-58aae1-1@localhost ready.
 [2026-12-01 20:50:14,773: INFO/MainProcess] Task dvc.repo.experiments.queue.tasks.run_exp[abc-1] received
 [2026-12-01 20:50:15,001: ERROR/MainProcess] Task dvc.repo.experiments.queue.tasks.run_exp[abc-1] raised: LockError()
