@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -285,6 +286,18 @@ def test_a_local_sweep_whose_queue_worker_is_killed_still_runs_every_point_once(
     print(f"\n[record] the same sweep again: {time.perf_counter() - started:.1f} s")
 
 
+@slow
+@shared_project
+def test_a_point_dvc_cannot_queue_is_refused_with_its_reason_and_leaves_nothing(project):
+    status = sh(project, "git", "status", "--porcelain")
+    before = queue.snapshot(project).entries
+    with pytest.raises(OptlabError) as refused:
+        queue.queue_points(project, [("typo", ["optimizer.learnin_rate=0.1"])])
+    assert "could not queue typo: `dvc exp run --queue --name typo -S 'optimizer.learnin_rate=0.1'` failed: " \
+        "Could not override 'optimizer.learnin_rate'" in str(refused.value)  # fmt: skip
+    assert queue.snapshot(project).entries == before and sh(project, "git", "status", "--porcelain") == status
+
+
 @pytest.fixture
 def napping(tmp_path, env) -> Path:
     """A tiny git + DVC project whose one stage sleeps `nap` seconds: DVC's queue without training."""
@@ -315,10 +328,20 @@ def _wait_for(what, timeout: float = 180.0):
 
 
 @slow
-def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env):
+def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env, monkeypatch):
     """What optlab.study.queue reads and repairs (its docstring lists it), on the installed DVC:
     written against dvc 3.67.1 and dvc-task 0.40.2, it fails if an upgrade changes one."""
-    queue.queue_point(napping, "long", ["nap=120"], env)
+    # Queued through the call `dvc exp run --queue` makes (its -S overrides as `params`).
+    from dvc.commands.experiments.run import CmdExperimentsRun
+    from dvc.repo.experiments.queue.base import BaseStashQueue
+    from dvc.repo.experiments.run import run
+
+    assert {"params", "queue"} <= set(inspect.signature(run).parameters)
+    assert "name" in inspect.signature(BaseStashQueue._stash_exp).parameters  # through run's **kwargs
+    assert "self.repo.experiments.run(" in inspect.getsource(CmdExperimentsRun.run)
+    monkeypatch.chdir(napping.parent)  # queued from elsewhere: DVC writes the overrides into the project only
+    queue.queue_points(napping, [("long", ["nap=120"])])
+    assert [p.name for p in napping.parent.iterdir()] == ["napping"]
     (entry,) = queue.snapshot(napping).of("long")
     assert entry.state == queue.QUEUED and re.fullmatch(r"[0-9a-f]{40}", entry.rev)
     queue.start_workers(napping, 1, env)
@@ -367,8 +390,7 @@ def test_the_dvc_queue_internals_the_sweep_relies_on(napping, env):
     assert queue.snapshot(napping).of("long") == [] and not run_dir.exists() and not copy.exists()
 
     # The queue works again, and one worker runs both (a stale shutdown would stop it after one).
-    for name in ("short", "long"):
-        queue.queue_point(napping, name, ["nap=1"], env)
+    queue.queue_points(napping, [(name, ["nap=1"]) for name in ("short", "long")])
     queue.start_workers(napping, 1, env)
 
     def both_done():

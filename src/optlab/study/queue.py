@@ -24,6 +24,9 @@ DVC internals this relies on, checked against dvc 3.67.1, dvc-task 0.40.2 and ko
   (``.dvc/tmp/exps/celery``: ``broker/in/*.msg`` and the workers' logs ``dvc-exp-worker-<n>.out``).
 - A worker's command line ends ``exp queue-worker dvc-exp-<sha256(wdir)[:6]>-<n>@localhost``; its
   executors are its children and run ``dvc exp exec-run``.
+- ``Repo.experiments.run(params=[...], queue=True, name=...)``: the call ``dvc exp run --queue
+  --name <name> -S ...`` makes (``CmdExperimentsRun``), which queues the workspace with the
+  overrides applied.
 - kombu's filesystem transport names a message ``<stamp>_<uuid>.<queue>.msg``, and a worker's
   control queue is ``<node>.celery.pidbox``.
 """
@@ -39,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,17 +293,31 @@ def clean_broker(repo: Path, workers: dict[int, str]) -> int:
     return removed
 
 
-def queue_point(repo: Path, name: str, overrides: list[str], env: dict, attempts: int = 4) -> None:
-    """``dvc exp run --queue --name <name> -S ...``, tried again where DVC's lock was busy (a
-    worker taking a task holds it for a moment)."""
-    args = shell.dvc("exp", "run", "--queue", "--name", name, *[a for o in overrides for a in ("-S", o)])
-    for attempt in range(1, attempts + 1):
-        done = shell.run(args, repo, env, check=False)
-        if done.returncode == 0 or any(e.state == QUEUED for e in snapshot(repo).of(name)):
-            return
-        time.sleep(2 * attempt)
-    tail = (done.stderr or done.stdout).strip()[-shell.LOG_TAIL :]
-    raise OptlabError(f"could not queue {name}: `{' '.join(args[2:])}` failed {attempts} times:\n{tail}")
+def queue_points(repo: Path, points: Iterable[tuple[str, Sequence[str]]], attempts: int = 4) -> None:
+    """Queue each point as ``dvc exp run --queue --name <name> -S ...`` does, through the call
+    that command makes (``Repo.experiments.run``), all in this process: one DVC start-up for the
+    lot instead of one per point (0.9 s each on an idle 2-core machine). A point is tried again
+    where DVC's lock stays busy (a worker taking a task holds it for a moment); any other refusal
+    (an override DVC cannot apply) is an error that names the point."""
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    blobio.install()
+    # From the repository's root, as the command runs: DVC resolves the overrides' files (and the
+    # paths it stages in git) against the working directory.
+    with contextlib.chdir(repo), Repo(".") as dvc_repo:
+        for name, overrides in points:
+            command = f"dvc exp run --queue --name {name} " + " ".join(f"-S '{o}'" for o in overrides)
+            for attempt in range(1, attempts + 1):
+                try:
+                    dvc_repo.experiments.run(params=list(overrides), queue=True, name=name)
+                    break
+                except LockError as e:
+                    if attempt == attempts:
+                        raise OptlabError(f"could not queue {name}: DVC's lock stayed busy ({e}); `{command}`") from e
+                    time.sleep(attempt)
+                except Exception as e:  # DVC's errors, and Hydra's for an override it cannot apply
+                    raise OptlabError(f"could not queue {name}: `{command}` failed: {e}") from e
 
 
 def start_workers(repo: Path, jobs: int, env: dict) -> None:

@@ -118,7 +118,7 @@ class Supervisor:
             self.account.errors[name] = self.logs.get(name, queue.NO_LOG)
             self._settle(name, "failed")
             return
-        queue.queue_point(self.repo, name, self.todo[name], self.env)
+        queue.queue_points(self.repo, [(name, self.todo[name])])
         self.account.tries[name] = tries + 1
         lines = [line.strip() for line in self.logs.pop(name, "").splitlines() if line.strip()]
         self.account.notes.setdefault(name, []).append(f"try {tries}: {why}" + (f" ({lines[-1]})" if lines else ""))
@@ -194,7 +194,5 @@ def run(repo: Path, account, jobs: int, threads: int, retries: int, progress: bo
     if not todo:
         return
     adopted = _adopt(repo, set(todo))
-    for name, overrides in todo.items():
-        if name not in adopted:
-            queue.queue_point(repo, name, overrides, env)
+    queue.queue_points(repo, [(name, overrides) for name, overrides in todo.items() if name not in adopted])
     Supervisor(repo, account, todo, jobs, env, retries).run(progress)
