@@ -23,7 +23,6 @@ from typing import Any
 from optlab.core.errors import OptlabError
 from optlab.core.outputs import atomic_file
 from optlab.evaluation.metrics import Summary, describe
-from optlab.study import compare_figures
 from optlab.study.experiments import CHOICES, METRICS, SEED_KEY, Group, choice, find_baseline, group_runs, load_runs
 from optlab.study.stats import (
     ALPHA,
@@ -362,6 +361,8 @@ def compare(
     result = build_comparison(groups, find_baseline(groups, repo, baseline), threshold_fraction, metric)
 
     # Figures first, the report last: a report never links to a figure that is not there.
+    from optlab.study import compare_figures  # matplotlib: here, so that every `optlab` command need not import it
+
     figures = {}
     for title, (suffix, draw) in compare_figures.comparison_figures(result).items():
         name = f"{out.stem}-{suffix}.png"

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import pandas as pd
-from scipy import stats
+from typing import TYPE_CHECKING
 
 from optlab.core.params import improves
 from optlab.evaluation.metrics import CONFIDENCE
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ALPHA = 1 - CONFIDENCE
 # Two seeds give a variance estimate with one degree of freedom: a t-test on it says almost nothing.
@@ -56,6 +57,8 @@ def welch(variant: Sequence[float], baseline: Sequence[float], confidence: float
         # No seed noise at all: the t statistic is undefined. Usually the seed never reached
         # the training, so say so rather than invent a p-value.
         return Difference(diff, tested=False, reason="no seed variation: check that `seed` reaches the training")
+    from scipy import stats  # here, not above: every `optlab` command imports this module (0.5 s)
+
     result = stats.ttest_ind(variant, baseline, equal_var=False)
     ci = result.confidence_interval(confidence)
     return Difference(diff, True, "", float(ci.low), float(ci.high), float(result.pvalue), float(result.df))
@@ -76,6 +79,8 @@ def paired(variant: dict[object, float], baseline: dict[object, float], confiden
     if max(diffs) == min(diffs):
         return Difference(diff, tested=False, reason="no seed variation: check that `seed` reaches the training",
                           test="paired")  # fmt: skip
+    from scipy import stats
+
     result = stats.ttest_rel([variant[s] for s in seeds], [baseline[s] for s in seeds])
     ci = result.confidence_interval(confidence)
     return Difference(diff, True, "", float(ci.low), float(ci.high), float(result.pvalue), float(result.df), "paired")
@@ -90,6 +95,8 @@ def seeds_needed(
     one seed's result, the two variants' pooled). None: more than ``most``, or no difference."""
     if not (math.isfinite(diff) and math.isfinite(spread)) or diff == 0 or spread <= 0:
         return None
+    from scipy import stats
+
     for n in range(2, most + 1):
         df = n - 1 if is_paired else 2 * n - 2
         ncp = abs(diff) / (spread / math.sqrt(n) if is_paired else spread * math.sqrt(2 / n))
@@ -135,6 +142,8 @@ def time_to_reach(curve: Sequence[float], seconds_per_epoch: float, threshold: f
 def mean_curve(curves: Sequence[Sequence[float]]) -> pd.DataFrame:
     """Per-epoch mean and standard deviation over seeds (epoch 1 first). An epoch's mean uses
     the seeds that ran it, so early-stopped seeds shorten nothing."""
+    import pandas as pd
+
     frame = pd.DataFrame({i: pd.Series(c, dtype=float) for i, c in enumerate(curves)})
     out = pd.DataFrame({"mean": frame.mean(axis=1), "std": frame.std(axis=1), "n": frame.count(axis=1)})
     out.index = out.index + 1
