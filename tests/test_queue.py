@@ -86,9 +86,13 @@ def test_queued_sweep_runs_on_two_workers_without_interference(project):
             table = {n: s for n, s in _queue_table(status).items() if n in wanted}
             seen.append(table)
             most_running = max(most_running, sum(s == "Running" for s in table.values()))
-            if len(table) == 4 and all(s in {"Success", "Failed"} for s in table.values()) and "0 active" in status:
+            if len(table) == 4 and all(s in {"Success", "Failed"} for s in table.values()):
                 break
             time.sleep(2)
+        # The idle workers would wait 10 s for more work before exiting: stop them now, and wait.
+        project.dvc_run("queue", "stop")
+        while "0 active, 0 idle" not in project.dvc_run("queue", "status").stdout and time.time() < deadline:
+            time.sleep(1)
         logs = {n: project.dvc_run("queue", "logs", n).stdout for n in wanted}
         failed = {n: logs[n][-3000:] for n, s in table.items() if s != "Success"}
         assert len(table) == 4 and not failed, f"queue: {table}\n{failed}"
