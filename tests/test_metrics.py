@@ -1,5 +1,6 @@
-"""optlab.metrics on predictions whose right numbers are known by hand, and the evaluate stage
-end to end on a tiny real Keras model."""
+"""optlab.metrics on predictions whose right numbers are known by hand, against scikit-learn's
+own functions on predictions hypothesis draws, and the evaluate stage end to end on a tiny real
+Keras model."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn import metrics as skm
 
 from conftest import REPO, TEST_METRIC_KEYS, stage_args, write_params
@@ -71,16 +74,47 @@ def test_confusion_matrix_and_most_confused_pair():
     assert metrics.most_confused(np.eye(3, dtype=int), CLASSES) == []
 
 
-def test_f1_by_class_from_the_confusion_matrix_equals_sklearns():
-    # The plot stage's NumPy F1 (no scikit-learn import there) is the evaluate stage's.
-    rng = np.random.default_rng(1)
-    y_true, y_pred = rng.integers(0, 6, 400), rng.integers(0, 6, 400)
-    y_pred[y_pred == 5] = 4  # class 5 never predicted: F1 0 by the same zero-division rule
-    names = [f"c{i}" for i in range(6)]
-    ours = metrics.f1_by_class(metrics.confusion(y_true, y_pred, 6), names)
-    theirs = {name: row["f1"] for name, row in metrics.per_class(y_true, y_pred, names).items()}
-    assert ours == pytest.approx(theirs, abs=1e-12) and ours["c5"] == 0.0
-    assert metrics.f1_by_class(np.zeros((2, 2), dtype=int), ["a", "b"]) == {"a": 0.0, "b": 0.0}
+@st.composite
+def _predictions(draw) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and float32 softmax-like rows: some classes absent or never predicted, ties (exact
+    zeros, as a saturated softmax gives, and repeated values) and confident mistakes included."""
+    n_classes, n = draw(st.integers(2, 7)), draw(st.integers(1, 40))
+    y = np.array(draw(st.lists(st.integers(0, n_classes - 1), min_size=n, max_size=n)))
+    levels = st.sampled_from([0.0, 1e-12, 0.1, 0.25, 0.5, 1.0, 3.0])  # few values: ties are common
+    raw = np.array(draw(st.lists(levels | st.floats(0, 5), min_size=n * n_classes, max_size=n * n_classes)))
+    raw = raw.reshape(n, n_classes)
+    raw[raw.sum(axis=1) == 0, 0] = 1.0  # a row of zeros is no distribution
+    return y.astype(np.int32), (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(_predictions(), st.integers(1, 8))
+def test_every_score_is_scikit_learns(predictions, k):
+    y, probs = predictions
+    n_classes = probs.shape[1]
+    labels, names = np.arange(n_classes), [f"c{i}" for i in range(n_classes)]
+    exact = metrics.check_probabilities(probs, n_classes)  # what test_metrics scores: rows that sum to 1
+    y_pred = exact.argmax(axis=1)
+    got = metrics.test_metrics(y, probs, names, top_k=k)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(y, y_pred), abs=1e-12)
+    assert got["loss"] == pytest.approx(skm.log_loss(y, exact, labels=labels), rel=1e-12)
+    if k < n_classes:  # (scikit-learn warns at k >= n and scores 1, as optlab does without the warning)
+        scores = exact[:, 1] if n_classes == 2 else exact  # it reads 2 classes as binary: class 1's score
+        assert got["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, scores, k=k, labels=labels))
+    else:
+        assert got["top_k_accuracy"] == 1.0
+    assert got["f1_macro"] == pytest.approx(skm.f1_score(y, y_pred, labels=labels, average="macro", zero_division=0))
+    weighted = skm.f1_score(y, y_pred, labels=labels, average="weighted", zero_division=0)
+    assert metrics.f1(y, y_pred, n_classes, "weighted") == pytest.approx(weighted, abs=1e-12)
+    report = skm.classification_report(y, y_pred, labels=labels, target_names=names, output_dict=True,
+                                       zero_division=0)  # fmt: skip
+    theirs = {c: {"precision": report[c]["precision"], "recall": report[c]["recall"], "f1": report[c]["f1-score"],
+                  "support": report[c]["support"]} for c in names}  # fmt: skip
+    ours = metrics.per_class(y, y_pred, names)
+    assert all(ours[c] == pytest.approx(theirs[c], abs=1e-12) for c in names), (ours, theirs)
+    assert metrics.f1_by_class(metrics.confusion(y, y_pred, n_classes), names) == pytest.approx(
+        {c: row["f1"] for c, row in theirs.items()}, abs=1e-12
+    )
 
 
 def test_confusion_counts_equal_sklearns():

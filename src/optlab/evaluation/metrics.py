@@ -4,11 +4,17 @@ Everything here takes integer labels and predicted probabilities (one row per sa
 column per class) and returns plain Python numbers, so the results go straight into JSON and
 ``dvc metrics diff``. No Keras import: the plot stage and the tests use this module without
 paying for a deep-learning framework.
+
+The scores are scikit-learn's definitions (``accuracy_score``, ``log_loss``,
+``top_k_accuracy_score``, ``classification_report`` and ``f1_score`` with ``zero_division=0``),
+computed with NumPy from the confusion matrix: a few lines each, where importing
+``sklearn.metrics`` costs every evaluate stage 0.8-1.5 s (a third of that stage on digits, paid
+by every trial of a study). tests/test_metrics.py checks them against scikit-learn's own
+functions on inputs hypothesis draws, ties and absent classes included.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,14 +26,6 @@ from optlab.core.errors import OptlabError
 # Softmax outputs in float32 sum to 1 only up to rounding; anything further off is not a
 # probability distribution (e.g. a model that ends in logits).
 _SUM_TOLERANCE = 1e-3
-
-
-@functools.cache
-def _skm():
-    """scikit-learn's metrics module, imported on first use (about 3 s)."""
-    from sklearn import metrics
-
-    return metrics
 
 
 def check_probabilities(probs: np.ndarray, n_classes: int) -> np.ndarray:
@@ -55,75 +53,76 @@ def check_labels(y_true: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def accuracy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    return float(_skm().accuracy_score(y_true, np.argmax(probs, axis=1)))
+    """Share of samples whose most probable class is the true one."""
+    return float(np.mean(np.argmax(probs, axis=1) == y_true))
 
 
 def cross_entropy(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class, in nats (Keras's categorical loss)."""
-    return float(_skm().log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
+    """Mean negative log-likelihood of the true class, in nats (Keras's categorical loss), with
+    probabilities clipped to [eps, 1 - eps] so a confident mistake costs a finite -log(eps)."""
+    eps = np.finfo(probs.dtype).eps
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y_true)), y_true], eps, 1 - eps))))
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> tuple[float, int]:
     """Fraction of samples whose true class is among the ``k`` most probable; returns the
-    score and the k actually used (at most the number of classes)."""
+    score and the k actually used (at most the number of classes). Ties as scikit-learn breaks
+    them: among equal probabilities the later class ranks first; of two classes, the second is
+    the prediction only above 0.5."""
     n_classes = probs.shape[1]
     k = min(k, n_classes)
     if k == n_classes:
-        return 1.0, k  # every class is in the top n: sklearn would warn and say the same
-    # sklearn reads a 2-class problem as binary and wants only the positive class's score.
-    scores = probs[:, 1] if n_classes == 2 else probs
-    return float(_skm().top_k_accuracy_score(y_true, scores, k=k, labels=np.arange(n_classes))), k
+        return 1.0, k  # every class is in the top n
+    if n_classes == 2:  # k == 1
+        return float(np.mean((probs[:, 1] > 0.5) == y_true)), k
+    top = np.argsort(probs, axis=1, kind="stable")[:, ::-1][:, :k]
+    return float(np.mean((top == np.asarray(y_true)[:, None]).any(axis=1))), k
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Counts: row = actual class, column = predicted class (sklearn's ``confusion_matrix``).
-
-    Counted with NumPy so the plot stage, which needs nothing else from here, does not pay
-    scikit-learn's import (about 3 s, most of that stage's time).
-    """
+    """Counts: row = actual class, column = predicted class (sklearn's ``confusion_matrix``)."""
     y_true, y_pred = check_labels(y_true, n_classes), check_labels(y_pred, n_classes)
     cells = y_true.astype(np.int64) * n_classes + y_pred
     return np.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den, 0 where den is 0: a score that is undefined (a class never predicted, or
+    absent) counts as 0 rather than NaN, which JSON cannot hold."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _scores(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each class's precision, recall, F1 and support from a :func:`confusion` matrix."""
+    hits, predicted, support = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
+    return _ratio(hits, predicted), _ratio(hits, support), _ratio(2 * hits, predicted + support), support
+
+
 def f1_by_class(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
-    """Each class's F1 from a :func:`confusion` matrix, 0 where it is undefined (as
-    :func:`per_class` scores it): NumPy only, for the plot stage (see :func:`confusion`)."""
-    hits = np.diag(cm).astype(np.float64)
-    both = cm.sum(axis=0) + cm.sum(axis=1)  # predicted + actual: F1 = 2 hits / both
-    f1s = np.divide(2 * hits, both, out=np.zeros_like(hits), where=both > 0)
-    return {name: float(f) for name, f in zip(class_names, f1s, strict=True)}
+    """Each class's F1 from a :func:`confusion` matrix (0 where it is undefined)."""
+    return {name: float(f) for name, f in zip(class_names, _scores(cm)[2], strict=True)}
 
 
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support of every class, keyed by class name.
-
-    A class that is never predicted (or absent from ``y_true``) scores 0 rather than NaN,
-    which JSON cannot hold.
-    """
-    report = _skm().classification_report(
-        y_true,
-        y_pred,
-        labels=np.arange(len(class_names)),
-        target_names=list(class_names),
-        output_dict=True,
-        zero_division=0,
-    )
+    """Precision, recall, F1 and support of every class, keyed by class name; a class that is
+    never predicted (or absent from ``y_true``) scores 0 rather than NaN, which JSON cannot hold."""
+    precision, recall, f1s, support = _scores(confusion(y_true, y_pred, len(class_names)))
     return {
-        name: {
-            "precision": float(report[name]["precision"]),
-            "recall": float(report[name]["recall"]),
-            "f1": float(report[name]["f1-score"]),
-            "support": int(report[name]["support"]),
-        }
-        for name in class_names
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(class_names, precision, recall, f1s, support, strict=True)
     }
 
 
 def f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, average: str) -> float:
     """F1 averaged over all ``n_classes`` (``"macro"``: every class counts the same;
     ``"weighted"``: by support), with the same zero-for-undefined rule as :func:`per_class`."""
-    return float(_skm().f1_score(y_true, y_pred, labels=np.arange(n_classes), average=average, zero_division=0))
+    *_, f1s, support = _scores(confusion(y_true, y_pred, n_classes))
+    if average == "macro":
+        return float(np.mean(f1s))
+    if average == "weighted":
+        return float(_ratio(np.sum(f1s * support), np.sum(support)))
+    raise ValueError(f"average must be 'macro' or 'weighted', not {average!r}")
 
 
 def most_confused(cm: np.ndarray, class_names: Sequence[str], n: int = 10) -> list[dict[str, object]]:
