@@ -38,7 +38,7 @@ atexit.register(_record)
 IMPORTS = {
     "train": "from optlab.training.backend import configure; configure('jax'); import optlab.training.run",
     "evaluate": "from optlab.training.backend import configure; configure('jax'); "
-    "import optlab.evaluation.evaluate, sklearn.metrics",
+    "import optlab.evaluation.evaluate, optlab.training.models, pandas",
     "plot": "import optlab.evaluation.figures, optlab.training.record, optlab.data.files",
 }
 
