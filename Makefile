@@ -10,15 +10,11 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 install: $(VENV)/.installed
 
-# The exact versions of requirements.lock (-c: constraints), optlab itself editable. uv installs
-# them several times faster than pip; it reads no pip.conf, so where it cannot (an index only pip is
-# configured for: set UV_INDEX_URL for uv) pip installs the same set.
+# The exact versions of requirements.lock (-c: constraints), optlab itself editable.
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 'uv>=0.9,<1'
-	$(BIN)/python -m uv pip install --quiet --python $(BIN)/python -c $(LOCK) -e '.[test,ray]' \
-	  || { echo "uv could not install the environment (above); installing it with pip" >&2; \
-	       $(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test,ray]'; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(LOCK) -e '.[test,ray]'
 	touch $@
 
 repro: install          ## train and evaluate the experiment in params.yaml
