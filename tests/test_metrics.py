@@ -148,6 +148,7 @@ def test_two_classes():
 def test_a_class_never_predicted_or_seen_scores_zero_not_nan():
     got = metrics.per_class(np.array([0, 1]), np.array([0, 1]), CLASSES)
     assert got["frog"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics.f1_by_class(np.zeros((2, 2), dtype=int), ["a", "b"]) == {"a": 0.0, "b": 0.0}  # nothing seen
 
 
 def test_logits_are_refused():
