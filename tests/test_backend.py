@@ -36,6 +36,19 @@ def test_hidden_libraries_import_normally_afterwards():
     assert out == "0.5 3"
 
 
+def test_dvclive_starts_without_pandas_and_logs_as_before(tmp_path):
+    # dvclive guards its pandas import (pandas is optional to it); a train process logs numbers only.
+    live = tmp_path / "live"
+    out = _python(
+        "import sys; from optlab.training.record import TrainLog\n"
+        f"log = TrainLog({str(live)!r}, {{}}); log.live.log_metric('loss', 0.5); log.live.next_step()\n"
+        "loaded = 'pandas' in sys.modules; import pandas; from dvclive import utils\n"
+        "print(loaded, utils.pd is None, pandas.Series([1, 2]).sum())"
+    )
+    assert out == "False True 3"
+    assert (live / "plots/metrics/loss.tsv").read_text().split()[-1] == "0.5"
+
+
 def test_a_library_imported_before_is_left_in_place():
     # The evaluate stage imports pandas first: Keras must then see it as it is.
     out = _python(

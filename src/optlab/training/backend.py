@@ -41,15 +41,15 @@ KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib", "PIL", "pydot", "requests")
 
 
 @contextlib.contextmanager
-def _hidden(modules: tuple[str, ...]) -> Iterator[None]:
+def hidden(modules: tuple[str, ...]) -> Iterator[None]:
     """Make ``import m`` raise ImportError inside the block, for each m not imported yet."""
-    hidden = [m for m in modules if m not in sys.modules]
-    for m in hidden:
+    absent = [m for m in modules if m not in sys.modules]
+    for m in absent:
         sys.modules[m] = None  # type: ignore[assignment]  # the import system's "not importable"
     try:
         yield
     finally:
-        for m in hidden:
+        for m in absent:
             if sys.modules.get(m, ...) is None:
                 del sys.modules[m]
 
@@ -77,7 +77,7 @@ def _native_stderr_kept_unless_failing() -> Iterator[None]:
 
 def import_keras() -> None:
     """Import Keras without its optional integrations (Keras guards each with ImportError)."""
-    with _hidden(KERAS_EXTRAS):
+    with hidden(KERAS_EXTRAS):
         import keras  # noqa: F401
 
 

@@ -29,6 +29,9 @@ SUMMARY = "metrics.json"  # dvclive's summary: the last epoch's values and the r
 RUN_INFO = "run.json"  # what produced the model: params, versions, data hashes, timings
 REPLICAS = "replicas.json"  # each replica's own figures (seed, epochs, accuracies, divergence)
 REPLICA_HISTORY = "replicas"  # under HISTORY_DIR: replicas/r<k>/<metric>.tsv, with 2 replicas or more
+# Left out of dvclive's import in a train process (see TrainLog): what dvclive imports only to
+# accept pandas DataFrames, which optlab never logs.
+DVCLIVE_EXTRAS = ("pandas",)
 HISTORY_DIR = "plots/metrics"  # dvclive's per-epoch TSVs, one per metric
 LEARNING_RATE = "learning_rate"
 TRAJECTORY = "trajectory.npz"  # in the run's logs directory, outside DVC's outputs (train.trajectory)
@@ -90,7 +93,12 @@ class TrainLog:
     """
 
     def __init__(self, live_dir: str | Path, info: Mapping[str, Any], replicas: int = 1) -> None:
-        from dvclive import Live
+        from optlab.training.backend import hidden
+
+        # pandas is optional to dvclive (its DataFrame inputs; it guards the import), and optlab logs
+        # only numbers: kept out of dvclive's import, a train process skips it (0.3 s).
+        with hidden(DVCLIVE_EXTRAS):
+            from dvclive import Live
 
         self.dir, self.replicas = Path(live_dir), replicas
         remove_outputs(self.dir)
