@@ -23,7 +23,7 @@ repro: install          ## train and evaluate the experiment in params.yaml
 test: install           ## the whole test suite
 	$(BIN)/python -m pytest
 
-test-fast: install      ## the tests not marked slow: no DVC, no stage process that trains (461 of 523 tests; 1 min 47 s on 2 cores)
+test-fast: install      ## the tests not marked slow: no DVC, no stage process that trains (463 of 525 tests; about 2 min on 2 cores)
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: install          ## optlab's training speed against the plain Keras recipe
