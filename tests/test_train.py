@@ -289,6 +289,7 @@ def test_same_seed_gives_bit_identical_metrics_and_model(tmp_path):
     info = json.loads((tmp_path / "live1" / "run.json").read_text())
     assert info["backend"] == engine["train.backend"] and info["loop"] == engine["train.loop"]
     assert info["params"]["seed"] == 0 and info["versions"]["keras"]
+    assert info["cpu"] == record.cpu_model() and info["cpu"]  # XLA's float bits depend on it
     assert set(info["data_sha256"]) >= {"x_train.npy", "y_train.npy", "meta.json"}
     # The .keras bytes are identical too, so DVC does not rerun evaluate and plot for nothing.
     assert (tmp_path / "models1/model.keras").read_bytes() == (tmp_path / "models2/model.keras").read_bytes()

@@ -61,10 +61,20 @@ CURVATURE = ("sharpness", "stability_threshold", "preconditioned_sharpness", "pr
              "noise_scale", "gradient_noise", "gradient_signal")  # fmt: skip
 
 
+def cpu_model() -> str:
+    """The processor's name: XLA compiles its CPU programs for the CPU it runs on, so the last bits
+    of a run's floats (and its metrics) can differ between CPU models, never between reruns on one."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def run_info(params: Any, engine: Any, fingerprint: dict[str, str]) -> dict:
     """What produced this model (RUN_INFO): the params, the backend and loop and the rule that chose
-    them (an ``optlab.training.backend.Engine``), versions, threads, the prepared data's hashes;
-    enough to re-create it or explain why it differs."""
+    them (an ``optlab.training.backend.Engine``), versions, threads, the CPU, the prepared data's
+    hashes; enough to re-create it or explain why it differs."""
     import importlib.metadata as md
 
     versions = {}
@@ -74,7 +84,7 @@ def run_info(params: Any, engine: Any, fingerprint: dict[str, str]) -> dict:
     return {
         "params": params.model_dump(), "backend": engine.backend, "loop": engine.loop, "engine_rule": engine.rule,
         "threads": os.environ.get("OPTLAB_THREADS", "0"), "versions": versions, "python": platform.python_version(),
-        "machine": platform.machine(), "data_sha256": fingerprint,
+        "machine": platform.machine(), "cpu": cpu_model(), "data_sha256": fingerprint,
     }  # fmt: skip
 
 
